@@ -1,0 +1,150 @@
+//! The admin server (`/config`, `/clusters`, `/metrics`, `POST /shutdown`,
+//! loopback only) and the probe server (`/ready`, `/live`, `/metrics`).
+
+use crate::proxy::Proxy;
+use crate::telemetry;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering::SeqCst;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the admin endpoints see: the proxy once it is up, and the shutdown trigger.
+#[derive(Default)]
+pub struct State {
+    proxy: OnceLock<Arc<Proxy>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl State {
+    pub fn new() -> Arc<State> {
+        Arc::new(State::default())
+    }
+
+    pub fn set_proxy(&self, p: Arc<Proxy>) {
+        let _ = self.proxy.set(p);
+    }
+
+    /// Resolves when `POST /shutdown` was called.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    fn ready(&self) -> bool {
+        self.proxy.get().is_some_and(|p| !p.shared.draining.load(SeqCst))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Admin,
+    Probes,
+}
+
+/// Binds and serves; returns the bound address.
+pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let state = state.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(kind, &state, req)) }
+                });
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    tracing::info!(?kind, address = %bound, "admin server listening");
+    Ok(bound)
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
+}
+
+fn handle(kind: Kind, state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    match (req.method(), req.uri().path(), kind) {
+        (&Method::GET, "/live", _) => text(StatusCode::OK, "live\n", PLAIN),
+        (&Method::GET, "/ready", _) => {
+            if state.ready() {
+                text(StatusCode::OK, "ready\n", PLAIN)
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", PLAIN)
+            }
+        }
+        (&Method::GET, "/metrics", _) => text(StatusCode::OK, telemetry::render(), "text/plain; version=0.0.4"),
+        (&Method::GET, "/config", Kind::Admin) => match state.proxy.get() {
+            Some(p) => {
+                let snap = p.snapshot();
+                let body = format!("# version: {}\n{}", p.version(), snap.config.to_yaml());
+                text(StatusCode::OK, body, "application/yaml")
+            }
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n", PLAIN),
+        },
+        (&Method::GET, "/clusters", Kind::Admin) => match state.proxy.get() {
+            Some(p) => text(StatusCode::OK, clusters_json(p), "application/json"),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n", PLAIN),
+        },
+        (&Method::POST, "/shutdown", Kind::Admin) => {
+            let _ = state.shutdown.send(true);
+            text(StatusCode::OK, "draining\n", PLAIN)
+        }
+        (_, "/shutdown", Kind::Admin) => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n", PLAIN),
+        _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
+    }
+}
+
+fn clusters_json(p: &Proxy) -> String {
+    let snap = p.snapshot();
+    let mut names: Vec<&String> = snap.clusters.keys().collect();
+    names.sort();
+    let mut all: Vec<_> = names.into_iter().map(|n| &snap.clusters[n]).collect();
+    let mut inbound: Vec<_> = snap.listeners.values().filter_map(|l| l.forward.as_ref().map(|t| &t.cluster)).collect();
+    all.append(&mut inbound);
+    let clusters: Vec<_> = all
+        .iter()
+        .map(|c| {
+            let endpoints: Vec<_> = c
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.addr.to_string(),
+                        "state": "healthy",
+                        "in_flight": e.in_flight(),
+                        "ewma_ms": e.ewma.get_ns() / 1e6,
+                        "requests": e.requests.load(SeqCst),
+                        "failures": e.failures.load(SeqCst),
+                        "idle_connections": e.idle_connections(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.name,
+                "lb": c.config.lb,
+                "protocol": c.config.protocol,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    let doc = json!({ "version": p.version(), "clusters": clusters });
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}

@@ -1,0 +1,596 @@
+//! The configuration model: serde structs, defaults, loading and validation.
+//!
+//! The same document is read from a file or streamed by the control plane.
+//! `validate()` collects every problem with its field path before returning,
+//! so one run of `outrigger validate` shows them all. The hot path never
+//! touches these structs: `route` and `balance` compile them into their own
+//! types once per snapshot.
+
+mod duration;
+
+pub use duration::{Dur, parse_duration};
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: Node,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Admin server: `/config`, `/shutdown`, `/clusters`, `/metrics`. Loopback only.
+    #[serde(default = "default_admin_address")]
+    pub address: SocketAddr,
+    /// Probe server: `/ready`, `/live`, `/metrics`.
+    #[serde(default = "default_probes_address")]
+    pub probes: SocketAddr,
+}
+
+fn default_admin_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+fn default_probes_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15020))
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            address: default_admin_address(),
+            probes: default_probes_address(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Inbound,
+    Outbound,
+    Gateway,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Inbound => "inbound",
+            Role::Outbound => "outbound",
+            Role::Gateway => "gateway",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub role: Role,
+    pub address: SocketAddr,
+    /// Inbound only: the local application every request is forwarded to
+    /// when no route of this listener matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_to: Option<SocketAddr>,
+    /// One JSON access-log line per request.
+    #[serde(default)]
+    pub access_log: bool,
+    /// Limit on the request head (HTTP/1) or header list (HTTP/2); over it → 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Close downstream connections idle for this long.
+    #[serde(default = "default_downstream_idle")]
+    pub idle_timeout: Dur,
+}
+
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_downstream_idle() -> Dur {
+    Dur::secs(300)
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    /// Listeners this route serves; absent → every outbound and gateway listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listeners: Option<Vec<String>>,
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// `orders.default.svc`, `*.example.com` or `*`; the port is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// `true` → the header must be present; `false` → absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub cluster: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http1,
+    Http2,
+    /// The downstream request's protocol.
+    #[default]
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbPolicy {
+    #[default]
+    P2cEwma,
+    LeastRequest,
+    RoundRobin,
+    Random,
+    RingHash,
+}
+
+/// What ring-hash hashes: one header or one cookie.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashOn {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// ring-hash only: what the hash is taken of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Pooled upstream connections idle this long are closed.
+    #[serde(default = "default_upstream_idle")]
+    pub idle_timeout: Dur,
+    /// Idle HTTP/1 connections kept per endpoint.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_endpoint: usize,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur::secs(1)
+}
+fn default_upstream_idle() -> Dur {
+    Dur::secs(90)
+}
+fn default_max_idle() -> usize {
+    256
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// Everything wrong with a config document, each with its field path.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<FieldError>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+}
+
+impl Config {
+    /// Parses and validates a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            // serde_yaml prefixes the field path and appends the line.
+            let msg = e.to_string();
+            let (path, message) = match msg.split_once(": ") {
+                Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
+                _ => (String::new(), msg),
+            };
+            ConfigErrors(vec![FieldError { path, message }])
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text).map_err(LoadError::Invalid)
+    }
+
+    pub fn to_yaml(&self) -> String {
+        // Serializing plain data to YAML cannot fail; fall back to a comment if it ever does.
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Collects every semantic problem with its field path.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errs = Vec::new();
+        let mut err = |path: String, message: String| errs.push(FieldError { path, message });
+
+        if !self.admin.address.ip().is_loopback() {
+            err(
+                "admin.address".into(),
+                "the admin server must bind a loopback address".into(),
+            );
+        }
+
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let p = format!("listeners[{i}]");
+            if l.name.is_empty() {
+                err(format!("{p}.name"), "must not be empty".into());
+            } else if !names.insert(l.name.as_str()) {
+                err(format!("{p}.name"), format!("duplicate listener name `{}`", l.name));
+            }
+            if !addrs.insert(l.address) {
+                err(format!("{p}.address"), format!("address {} is used twice", l.address));
+            }
+            if l.forward_to.is_some() && l.role != Role::Inbound {
+                err(
+                    format!("{p}.forward_to"),
+                    "only inbound listeners forward to a local app".into(),
+                );
+            }
+            if l.max_header_bytes < 8192 {
+                err(format!("{p}.max_header_bytes"), "must be at least 8192".into());
+            }
+            if l.idle_timeout.0.is_zero() {
+                err(format!("{p}.idle_timeout"), "must be greater than zero".into());
+            }
+        }
+
+        let cluster_names: HashSet<&str> = self.clusters.iter().map(|c| c.name.as_str()).collect();
+        let mut route_names = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let p = format!("routes[{i}]");
+            if r.name.is_empty() {
+                err(format!("{p}.name"), "must not be empty".into());
+            } else if !route_names.insert(r.name.as_str()) {
+                err(format!("{p}.name"), format!("duplicate route name `{}`", r.name));
+            }
+            if let Some(ls) = &r.listeners {
+                for (j, l) in ls.iter().enumerate() {
+                    if !names.contains(l.as_str()) {
+                        err(format!("{p}.listeners[{j}]"), format!("no listener named `{l}`"));
+                    }
+                }
+            }
+            let m = &r.matches;
+            let paths = [&m.path, &m.path_prefix, &m.path_regex]
+                .iter()
+                .filter(|p| p.is_some())
+                .count();
+            if paths > 1 {
+                err(
+                    format!("{p}.match"),
+                    "set at most one of path, path_prefix and path_regex".into(),
+                );
+            }
+            for (field, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+                if let Some(v) = v {
+                    if !v.starts_with('/') {
+                        err(format!("{p}.match.{field}"), format!("`{v}` must start with `/`"));
+                    }
+                }
+            }
+            if let Some(re) = &m.path_regex {
+                if let Err(e) = regex::Regex::new(re) {
+                    err(format!("{p}.match.path_regex"), format!("invalid regex: {e}"));
+                }
+            }
+            if let Some(h) = &m.host {
+                if let Err(e) = check_host_pattern(h) {
+                    err(format!("{p}.match.host"), e);
+                }
+            }
+            for (j, h) in m.headers.iter().enumerate() {
+                let hp = format!("{p}.match.headers[{j}]");
+                if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                    err(format!("{hp}.name"), format!("`{}` is not a valid header name", h.name));
+                }
+                let set = [h.exact.is_some(), h.regex.is_some(), h.present.is_some()]
+                    .iter()
+                    .filter(|b| **b)
+                    .count();
+                if set != 1 {
+                    err(hp.clone(), "set exactly one of exact, regex and present".into());
+                }
+                if let Some(re) = &h.regex {
+                    if let Err(e) = regex::Regex::new(re) {
+                        err(format!("{hp}.regex"), format!("invalid regex: {e}"));
+                    }
+                }
+            }
+            for (j, meth) in m.methods.iter().enumerate() {
+                if http::Method::from_bytes(meth.as_bytes()).is_err() {
+                    err(format!("{p}.match.methods[{j}]"), format!("`{meth}` is not a method"));
+                }
+            }
+            if r.backends.is_empty() {
+                err(format!("{p}.backends"), "needs at least one backend".into());
+            }
+            let mut total = 0u64;
+            for (j, b) in r.backends.iter().enumerate() {
+                if !cluster_names.contains(b.cluster.as_str()) {
+                    err(
+                        format!("{p}.backends[{j}].cluster"),
+                        format!("no cluster named `{}`", b.cluster),
+                    );
+                }
+                total += u64::from(b.weight);
+            }
+            if !r.backends.is_empty() && total == 0 {
+                err(format!("{p}.backends"), "weights add up to zero".into());
+            }
+        }
+
+        let mut seen = HashSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let p = format!("clusters[{i}]");
+            if c.name.is_empty() {
+                err(format!("{p}.name"), "must not be empty".into());
+            } else if !seen.insert(c.name.as_str()) {
+                err(format!("{p}.name"), format!("duplicate cluster name `{}`", c.name));
+            }
+            match (&c.lb, &c.hash_on) {
+                (LbPolicy::RingHash, None) => err(
+                    format!("{p}.hash_on"),
+                    "ring-hash needs hash_on: { header: NAME } or { cookie: NAME }".into(),
+                ),
+                (LbPolicy::RingHash, Some(h)) => match (&h.header, &h.cookie) {
+                    (Some(name), None) => {
+                        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                            err(format!("{p}.hash_on.header"), format!("`{name}` is not a header name"));
+                        }
+                    }
+                    (None, Some(_)) => {}
+                    _ => err(format!("{p}.hash_on"), "set exactly one of header and cookie".into()),
+                },
+                (_, Some(_)) => err(format!("{p}.hash_on"), "only used with lb: ring-hash".into()),
+                _ => {}
+            }
+            if c.connect_timeout.0.is_zero() {
+                err(format!("{p}.connect_timeout"), "must be greater than zero".into());
+            }
+            if c.idle_timeout.0.is_zero() {
+                err(format!("{p}.idle_timeout"), "must be greater than zero".into());
+            }
+            let mut eps = HashSet::new();
+            for (j, e) in c.endpoints.iter().enumerate() {
+                if !eps.insert(e.address) {
+                    err(
+                        format!("{p}.endpoints[{j}].address"),
+                        format!("{} is listed twice", e.address),
+                    );
+                }
+            }
+        }
+
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+}
+
+fn check_host_pattern(h: &str) -> Result<(), String> {
+    if h == "*" {
+        return Ok(());
+    }
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    if name.is_empty() || name.contains('*') {
+        return Err(format!("`{h}`: use an exact host, `*.suffix` or `*`"));
+    }
+    if name.contains(':') {
+        return Err(format!("`{h}`: leave the port out, hosts match on any port"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(format!("`{h}` is not a host name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listeners:
+  - { name: out, role: outbound, address: 127.0.0.1:15001 }
+routes:
+  - name: r
+    match: { host: "*.svc", path_prefix: /api, methods: [GET] }
+    backends: [ { cluster: c, weight: 3 } ]
+clusters:
+  - { name: c, lb: ring-hash, hash_on: { header: x-user }, endpoints: [ { address: 127.0.0.1:8080 } ] }
+"#;
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = Config::from_yaml(GOOD).unwrap();
+        assert_eq!(c.clusters[0].connect_timeout, Dur::secs(1));
+        assert_eq!(c.listeners[0].max_header_bytes, 65536);
+        assert_eq!(c.admin.address.port(), 15000);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_path_and_line() {
+        let bad = GOOD.replace("lb: ring-hash", "lb: ring-hash, colour: red");
+        let e = Config::from_yaml(&bad).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("clusters[0]"), "{s}");
+        assert!(s.contains("colour"), "{s}");
+        assert!(s.contains("line"), "{s}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_with_its_path() {
+        let bad = r#"
+listeners:
+  - { name: a, role: outbound, address: 127.0.0.1:1, forward_to: 127.0.0.1:2 }
+  - { name: a, role: outbound, address: 127.0.0.1:1 }
+routes:
+  - name: r
+    match: { path: nope, path_regex: "(" }
+    backends: [ { cluster: missing } ]
+clusters:
+  - { name: c, lb: ring-hash, connect_timeout: 0s }
+"#;
+        let e = Config::from_yaml(bad).unwrap_err();
+        let paths: Vec<&str> = e.0.iter().map(|f| f.path.as_str()).collect();
+        for want in [
+            "listeners[0].forward_to",
+            "listeners[1].name",
+            "listeners[1].address",
+            "routes[0].match",
+            "routes[0].match.path",
+            "routes[0].match.path_regex",
+            "routes[0].backends[0].cluster",
+            "clusters[0].hash_on",
+            "clusters[0].connect_timeout",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        let bad = GOOD.replace("hash_on: { header: x-user }", "hash_on: { header: x-user }, connect_timeout: 5");
+        let s = Config::from_yaml(&bad).unwrap_err().to_string();
+        assert!(s.contains("clusters[0].connect_timeout"), "{s}");
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert!(check_host_pattern("*").is_ok());
+        assert!(check_host_pattern("*.example.com").is_ok());
+        assert!(check_host_pattern("a.b").is_ok());
+        assert!(check_host_pattern("a*.b").is_err());
+        assert!(check_host_pattern("a.b:80").is_err());
+    }
+
+    #[test]
+    fn yaml_round_trips() {
+        let c = Config::from_yaml(GOOD).unwrap();
+        let again = Config::from_yaml(&c.to_yaml()).unwrap();
+        assert_eq!(c, again);
+    }
+}

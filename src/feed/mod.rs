@@ -1,0 +1,65 @@
+//! Where config comes from. Today: a file, watched and re-applied on change.
+//!
+//! The file is polled (read and compared) rather than watched with inotify:
+//! Kubernetes updates a mounted ConfigMap by swapping a symlink, which an
+//! inotify watch on the file itself misses, and reading a small file once a
+//! second costs nothing measurable. A change that does not parse, validate
+//! or apply is logged and counted (`outrigger_feed_updates_total{result="nack"}`)
+//! and the running config stays in force.
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::telemetry::metrics;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn watch_file(path: PathBuf, proxy: Arc<Proxy>, interval: Duration, mut last: Vec<u8>) {
+    let mut read_failed = false;
+    loop {
+        tokio::time::sleep(interval).await;
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => {
+                read_failed = false;
+                b
+            }
+            Err(e) => {
+                if !read_failed {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read config; keeping the running one");
+                    read_failed = true;
+                }
+                continue;
+            }
+        };
+        if bytes == last {
+            continue;
+        }
+        last = bytes;
+        apply_text(&proxy, &String::from_utf8_lossy(&last)).await;
+    }
+}
+
+/// Validates and applies one document; counts and logs the result.
+pub async fn apply_text(proxy: &Proxy, text: &str) -> bool {
+    let m = metrics();
+    match Config::from_yaml(text) {
+        Ok(config) => match proxy.apply(config).await {
+            Ok(version) => {
+                m.feed_updates.with_label_values(&["ack"]).inc();
+                tracing::info!(version, "config applied");
+                true
+            }
+            Err(e) => {
+                m.feed_updates.with_label_values(&["nack"]).inc();
+                tracing::warn!(error = %e, "config rejected; keeping the running one");
+                false
+            }
+        },
+        Err(errors) => {
+            m.feed_updates.with_label_values(&["nack"]).inc();
+            let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+            tracing::warn!(errors = ?list, "invalid config; keeping the running one");
+            false
+        }
+    }
+}

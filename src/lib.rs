@@ -1,0 +1,15 @@
+//! Outrigger: a sidecar service-mesh proxy. See DESIGN.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod feed;
+pub mod policy;
+pub mod proxy;
+pub mod route;
+pub mod run;
+pub mod snapshot;
+pub mod telemetry;

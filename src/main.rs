@@ -1,0 +1,138 @@
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use outrigger::config::{Config, LoadError, parse_duration};
+use outrigger::run::{self, Options};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Outrigger: a sidecar service-mesh proxy.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Worker threads (default: the CPUs this container may use).
+    #[arg(long, env = "OUTRIGGER_THREADS")]
+    threads: Option<usize>,
+    /// Log level when RUST_LOG is unset.
+    #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Longest wait for in-flight requests on shutdown.
+    #[arg(long, env = "OUTRIGGER_DRAIN_TIMEOUT", default_value = "30s", value_parser = dur)]
+    drain_timeout: Duration,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (sidecar or gateway) on a config file.
+    Run {
+        #[arg(long, env = "OUTRIGGER_CONFIG")]
+        config: PathBuf,
+        /// How often the config file is checked for changes.
+        #[arg(long, env = "OUTRIGGER_WATCH_INTERVAL", default_value = "1s", value_parser = dur)]
+        watch_interval: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Check a config file; print every error with its field path.
+    Validate { file: PathBuf },
+    /// Start a small local mesh on loopback to try Outrigger out.
+    Demo {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Validate { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listeners, {} routes, {} clusters)",
+                    file.display(),
+                    c.listeners.len(),
+                    c.routes.len(),
+                    c.clusters.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&file, &e);
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Run { config, watch_interval, common } => {
+            outrigger::telemetry::init_logs(&common.log_level);
+            let bytes = match std::fs::read(&config) {
+                Ok(b) => b,
+                Err(source) => {
+                    report(&config, &LoadError::Read { path: config.display().to_string(), source });
+                    return ExitCode::from(1);
+                }
+            };
+            let parsed = match Config::from_yaml(&String::from_utf8_lossy(&bytes)) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&config, &LoadError::Invalid(e));
+                    return ExitCode::from(1);
+                }
+            };
+            let opts = Options {
+                threads: common.threads.unwrap_or_else(run::default_threads),
+                drain_timeout: common.drain_timeout,
+                watch_interval,
+            };
+            block_on(&opts, run::serve(parsed, Some((config, bytes)), &opts))
+        }
+        Cmd::Demo { common } => {
+            outrigger::telemetry::init_logs(&common.log_level);
+            let opts = Options {
+                threads: common.threads.unwrap_or_else(run::default_threads),
+                drain_timeout: common.drain_timeout,
+                watch_interval: Duration::from_secs(1),
+            };
+            block_on(&opts, outrigger::demo::run(&opts))
+        }
+    }
+}
+
+fn block_on<E: std::fmt::Display>(opts: &Options, fut: impl std::future::Future<Output = Result<(), E>>) -> ExitCode {
+    let rt = match run::runtime(opts.threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outrigger: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outrigger: {e}");
+            tracing::error!(error = %e, "exiting");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn report(file: &std::path::Path, e: &LoadError) {
+    match e {
+        LoadError::Invalid(errs) => {
+            eprintln!("{}: {} error(s)", file.display(), errs.0.len());
+            for err in &errs.0 {
+                eprintln!("  {err}");
+            }
+        }
+        other => eprintln!("{other}"),
+    }
+}

@@ -1,0 +1,126 @@
+//! Metrics and access-log layer: counts every answered request by route,
+//! cluster and status, observes its latency to the response head, and
+//! writes the access-log line when the listener asks for one.
+//!
+//! It sits outside the error layer, so it sees the final status of every
+//! request, proxy errors included. Label sets come pre-resolved in the
+//! response's `RouteMeta`; requests without one use the listener's.
+
+use crate::proxy::{ListenerInfo, RouteMeta};
+use crate::telemetry::RouteStats;
+use http::{Request, Response};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+
+#[derive(Clone)]
+pub struct MetricsLayer {
+    listener: Arc<ListenerInfo>,
+}
+
+impl MetricsLayer {
+    pub fn new(listener: Arc<ListenerInfo>) -> Self {
+        MetricsLayer { listener }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = Metrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Metrics { inner, listener: self.listener.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics<S> {
+    inner: S,
+    listener: Arc<ListenerInfo>,
+}
+
+/// What the access log needs of the request, captured before it moves on.
+struct Access {
+    method: http::Method,
+    authority: Option<String>,
+    path: String,
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for Metrics<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = MetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let access = self.listener.access_log.load(Relaxed).then(|| Access {
+            method: req.method().clone(),
+            authority: crate::proxy::headers::authority(&req).map(str::to_owned),
+            path: req.uri().path().to_owned(),
+        });
+        MetricsFuture {
+            inner: self.inner.call(req),
+            start: Instant::now(),
+            listener: self.listener.clone(),
+            access,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        start: Instant,
+        listener: Arc<ListenerInfo>,
+        access: Option<Access>,
+    }
+}
+
+impl<F, RB, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(out) => out,
+        };
+        if let Ok(resp) = &out {
+            let elapsed = this.start.elapsed();
+            let meta = resp.extensions().get::<RouteMeta>();
+            let stats: &RouteStats = meta
+                .and_then(|m| m.stats.as_deref())
+                .unwrap_or(&this.listener.unmatched);
+            let status = resp.status().as_u16();
+            stats.record(status, elapsed.as_secs_f64());
+            if let Some(a) = this.access.take() {
+                tracing::info!(
+                    target: "outrigger::access",
+                    listener = %this.listener.name,
+                    method = %a.method,
+                    authority = a.authority.as_deref().unwrap_or(""),
+                    path = %a.path,
+                    route = stats.route(),
+                    cluster = stats.cluster(),
+                    status,
+                    duration_ms = elapsed.as_secs_f64() * 1e3,
+                    upstream = meta.and_then(|m| m.upstream).map(|a| a.to_string()).unwrap_or_default(),
+                    flags = meta.and_then(|m| m.error).unwrap_or(""),
+                    "access"
+                );
+            }
+        }
+        Poll::Ready(out)
+    }
+}

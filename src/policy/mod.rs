@@ -1,0 +1,3 @@
+//! Per-request policies, one tower `Layer` per file.
+
+pub mod metrics;

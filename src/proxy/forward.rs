@@ -1,0 +1,131 @@
+//! Forwarding one request: route match, backend and endpoint choice,
+//! header rewriting, the upstream exchange, and upgrade tunnels.
+//!
+//! Returns typed errors (`Routed`); `error::ErrorLayer` turns them into
+//! responses.
+
+use super::error::{ProxyError, Routed};
+use super::headers;
+use super::{ConnInfo, RouteMeta};
+use crate::balance::Proto;
+use crate::body::{ReqBody, RespBody};
+use crate::config::Role;
+use http::uri::Authority;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The innermost service of a downstream connection.
+#[derive(Clone)]
+pub struct Forward {
+    pub conn: Arc<ConnInfo>,
+}
+
+impl tower::Service<Request<Incoming>> for Forward {
+    type Response = Response<RespBody>;
+    type Error = Routed;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RespBody>, Routed>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Routed>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        Box::pin(forward(self.conn.clone(), req))
+    }
+}
+
+async fn forward(conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Result<Response<RespBody>, Routed> {
+    let downstream = if req.version() == http::Version::HTTP_2 { Proto::Http2 } else { Proto::Http1 };
+    let h = req.headers();
+    // RFC 9112 §6.3: both framings at once is how requests are smuggled; refuse it.
+    if downstream == Proto::Http1 && h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::ConflictingFraming.into());
+    }
+
+    let snap = conn.listener.shared.snapshot.load_full();
+    let routes = snap.listeners.get(&conn.listener.name).ok_or(ProxyError::ListenerGone)?;
+    let host = headers::authority(&req).unwrap_or("");
+    let target = match routes.table.lookup(host, req.method(), req.uri().path(), req.headers()) {
+        Some(id) => {
+            let b = routes.table.route(id).pick_backend();
+            routes.targets[id as usize].get(b)
+        }
+        None => routes.forward.as_ref(),
+    };
+    let Some(target) = target else {
+        return Err(ProxyError::NoRoute.into());
+    };
+    let mut meta = RouteMeta { stats: Some(target.stats.clone()), upstream: None, error: None };
+    let cluster = &target.cluster;
+    let Some(endpoint) = cluster.pick(req.headers()) else {
+        return Err(Routed { error: ProxyError::NoEndpoints(cluster.name.clone()), meta: Some(meta) });
+    };
+    let endpoint = endpoint.clone();
+    meta.upstream = Some(endpoint.addr);
+
+    let upgrade = downstream == Proto::Http1 && headers::wants_upgrade(req.headers());
+    // Upgrades are an HTTP/1.1 mechanism: they go upstream over HTTP/1.1.
+    let proto = if upgrade { Proto::Http1 } else { cluster.proto(downstream) };
+    let authority = match proto {
+        Proto::Http2 if req.uri().authority().is_none() => {
+            host_authority(host).ok_or_else(|| Routed { error: ProxyError::MissingHost, meta: None })?
+        }
+        _ => None,
+    };
+    let hdrs = req.headers_mut();
+    headers::strip_hop_by_hop(hdrs, upgrade);
+    headers::ensure_request_id(hdrs);
+    if conn.listener.role == Role::Gateway {
+        headers::add_forwarded(hdrs, conn.peer.ip(), "http");
+    }
+    match proto {
+        Proto::Http1 => headers::to_http1(&mut req),
+        Proto::Http2 => headers::to_http2(&mut req, authority),
+    }
+    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let req = req.map(ReqBody::from);
+    let mut resp = match endpoint.send(req, proto).await {
+        Ok(r) => r,
+        Err(e) => return Err(Routed { error: e.into(), meta: Some(meta) }),
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = down_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            resp.body_mut().forget_connection();
+            tokio::spawn(async move {
+                match tokio::try_join!(down, up) {
+                    Ok((d, u)) => {
+                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let mut resp = resp.map(RespBody::Upstream);
+        resp.extensions_mut().insert(meta);
+        return Ok(resp);
+    }
+
+    let mut resp = resp.map(RespBody::Upstream);
+    headers::strip_hop_by_hop(resp.headers_mut(), false);
+    *resp.version_mut() = match downstream {
+        Proto::Http1 => http::Version::HTTP_11,
+        Proto::Http2 => http::Version::HTTP_2,
+    };
+    resp.extensions_mut().insert(meta);
+    Ok(resp)
+}
+
+fn host_authority(host: &str) -> Option<Option<Authority>> {
+    if host.is_empty() {
+        return None;
+    }
+    Authority::try_from(host).ok().map(Some)
+}

@@ -1,0 +1,219 @@
+//! Header handling of one request and response: hop-by-hop removal
+//! (RFC 9110 §7.6.1), `x-forwarded-*`, `x-request-id`, and the URI and
+//! `Host` each upstream protocol needs.
+//!
+//! Hop-by-hop removal first scans the map once and only then removes, so
+//! the common request that carries none costs one pass of cheap compares.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+
+const KEEP_ALIVE: &str = "keep-alive";
+const PROXY_CONNECTION: &str = "proxy-connection";
+pub const REQUEST_ID: &str = "x-request-id";
+const XFF: &str = "x-forwarded-for";
+const XFP: &str = "x-forwarded-proto";
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::TE
+        || name.as_str() == KEEP_ALIVE
+        || name.as_str() == PROXY_CONNECTION
+}
+
+/// Removes hop-by-hop headers and those named by `Connection`. With
+/// `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive (the
+/// upgrade is forwarded end to end). `TE: trailers` survives: gRPC servers
+/// require it, and it is valid on every hop.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        if let Ok(s) = v.to_str() {
+            for token in s.split(',') {
+                let t = token.trim();
+                if t.eq_ignore_ascii_case("upgrade") && keep_upgrade {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()) {
+                    listed.push(n);
+                }
+            }
+        }
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
+    headers.remove(header::CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::TE);
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    for n in listed {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// True for an HTTP/1.1 request asking to switch protocols (WebSocket).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        })
+}
+
+/// The request's authority: the URI's (HTTP/2 `:authority`, absolute-form)
+/// or else the `Host` header.
+pub fn authority<B>(req: &http::Request<B>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok())
+}
+
+/// Rewrites the URI and `Host` for an HTTP/1.1 upstream: origin-form URI
+/// and a `Host` header (an HTTP/2 request has only `:authority`).
+pub fn to_http1<B>(req: &mut http::Request<B>) {
+    *req.version_mut() = http::Version::HTTP_11;
+    if let Some(a) = req.uri().authority().cloned() {
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
+}
+
+/// Rewrites the URI for an HTTP/2 upstream: `:scheme` and `:authority` are required.
+pub fn to_http2<B>(req: &mut http::Request<B>, authority: Option<Authority>) {
+    *req.version_mut() = http::Version::HTTP_2;
+    let uri = req.uri();
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        return;
+    }
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.authority.is_none() {
+        parts.authority = authority;
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    if let Ok(u) = Uri::from_parts(parts) {
+        *req.uri_mut() = u;
+    }
+}
+
+/// Adds `x-request-id` when absent.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.contains_key(REQUEST_ID) {
+        return;
+    }
+    let mut buf = [0u8; 32];
+    let mut n = fastrand::u128(..);
+    for b in buf.iter_mut() {
+        *b = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&buf) {
+        headers.insert(REQUEST_ID, v);
+    }
+}
+
+/// Gateway listeners: append the client to `x-forwarded-for`, set `x-forwarded-proto`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: std::net::IpAddr, proto: &'static str) {
+    let ip = client.to_string();
+    let value = match headers.get(XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(XFF, v);
+    }
+    headers.insert(XFP, HeaderValue::from_static(proto));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers, deflate"),
+            ("upgrade", "h2c"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn keeps_upgrade_when_asked() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["sec-websocket-key"], "k");
+    }
+
+    #[test]
+    fn uri_rewrites() {
+        let mut r = http::Request::builder().uri("http://a.b:8080/x?q=1").body(()).unwrap();
+        to_http1(&mut r);
+        assert_eq!(r.uri(), "/x?q=1");
+        assert_eq!(r.headers()["host"], "a.b:8080");
+        let mut r = http::Request::builder().uri("/y").body(()).unwrap();
+        to_http2(&mut r, Some(Authority::from_static("svc")));
+        assert_eq!(r.uri(), "http://svc/y");
+    }
+
+    #[test]
+    fn request_id_and_forwarded() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
+        ensure_request_id(&mut h);
+        assert_eq!(h[REQUEST_ID].len(), 32);
+        let id = h[REQUEST_ID].clone();
+        ensure_request_id(&mut h);
+        assert_eq!(h[REQUEST_ID], id);
+        add_forwarded(&mut h, "127.0.0.9".parse().unwrap(), "http");
+        assert_eq!(h[XFF], "10.0.0.1, 127.0.0.9");
+        assert_eq!(h[XFP], "http");
+    }
+}

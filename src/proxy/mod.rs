@@ -1,0 +1,368 @@
+//! Listeners (inbound, outbound, gateway): binding, the accept loop, the
+//! hyper server for HTTP/1.1 and HTTP/2 on one port, the per-connection
+//! service stack, config application and draining.
+
+pub mod error;
+mod forward;
+pub mod headers;
+
+use crate::config::{Config, Listener, Role};
+use crate::policy::metrics::MetricsLayer;
+use crate::snapshot::Snapshot;
+use crate::telemetry::{RouteStats, metrics};
+use arc_swap::ArcSwap;
+use error::ErrorLayer;
+use forward::Forward;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+/// What the request path knows of the route that served a request; carried
+/// in the response's extensions to the metrics layer.
+#[derive(Clone, Debug, Default)]
+pub struct RouteMeta {
+    pub stats: Option<Arc<RouteStats>>,
+    pub upstream: Option<SocketAddr>,
+    pub error: Option<&'static str>,
+}
+
+impl std::fmt::Debug for RouteStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RouteStats({}, {})", self.route(), self.cluster())
+    }
+}
+
+impl RouteMeta {
+    pub fn failed(reason: &'static str) -> Self {
+        RouteMeta { error: Some(reason), ..Default::default() }
+    }
+}
+
+/// State every listener and connection shares.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub draining: AtomicBool,
+    drain_tx: watch::Sender<bool>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct ListenerInfo {
+    pub name: String,
+    pub role: Role,
+    pub address: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub access_log: AtomicBool,
+    pub unmatched: Arc<RouteStats>,
+}
+
+pub struct ConnInfo {
+    pub listener: Arc<ListenerInfo>,
+    pub peer: SocketAddr,
+}
+
+struct Running {
+    config: Listener,
+    info: Arc<ListenerInfo>,
+    stop: watch::Sender<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Compile(#[from] crate::route::CompileError),
+    #[error("listeners[{index}].address: cannot bind {address}: {source}")]
+    Bind {
+        index: usize,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The data plane: the snapshot in force and the listeners serving it.
+pub struct Proxy {
+    pub shared: Arc<Shared>,
+    listeners: Mutex<HashMap<String, Running>>,
+    version: AtomicU64,
+    /// Serialises config application; requests never take it.
+    apply_lock: tokio::sync::Mutex<()>,
+}
+
+impl Proxy {
+    /// Builds the first snapshot and binds its listeners.
+    pub async fn start(config: Config) -> Result<Arc<Proxy>, ApplyError> {
+        let snap = Snapshot::build(config.clone(), 0, None)?;
+        let (drain_tx, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snap),
+            draining: AtomicBool::new(false),
+            drain_tx,
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+        });
+        let proxy = Arc::new(Proxy {
+            shared,
+            listeners: Mutex::new(HashMap::new()),
+            version: AtomicU64::new(0),
+            apply_lock: tokio::sync::Mutex::new(()),
+        });
+        proxy.apply(config).await?;
+        Ok(proxy)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(SeqCst)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Addresses the listeners are bound to (port 0 resolved).
+    pub fn bound(&self) -> HashMap<String, SocketAddr> {
+        self.listeners.lock().iter().map(|(n, r)| (n.clone(), r.info.address)).collect()
+    }
+
+    /// Applies a validated config: compiles it, binds new listeners, swaps
+    /// the snapshot atomically, then stops listeners that went away. On any
+    /// error nothing changes.
+    pub async fn apply(&self, config: Config) -> Result<u64, ApplyError> {
+        let _guard = self.apply_lock.lock().await;
+        let version = self.version.load(SeqCst) + 1;
+        let current = self.shared.snapshot.load_full();
+        let snap = Snapshot::build(config.clone(), version, Some(&current))?;
+
+        // Bind what is new or changed before anything is swapped.
+        let mut new = Vec::new();
+        let mut replaced = Vec::new();
+        {
+            let running = self.listeners.lock();
+            for (index, l) in config.listeners.iter().enumerate() {
+                match running.get(&l.name) {
+                    Some(r) if r.config == *l => {}
+                    Some(r) if r.config.address == l.address => {
+                        // Same socket, new settings: the old one must let go first.
+                        replaced.push(l.name.clone());
+                        new.push((index, l.clone(), None));
+                    }
+                    _ => {
+                        let std = bind(l.address).map_err(|source| ApplyError::Bind { index, address: l.address, source })?;
+                        new.push((index, l.clone(), Some(std)));
+                    }
+                }
+            }
+        }
+        for name in &replaced {
+            if let Some(r) = self.listeners.lock().remove(name) {
+                let _ = r.stop.send(true);
+            }
+        }
+        let mut bound = Vec::new();
+        for (index, l, sock) in new {
+            let sock = match sock {
+                Some(s) => s,
+                None => bind(l.address).map_err(|source| ApplyError::Bind { index, address: l.address, source })?,
+            };
+            bound.push((l, sock));
+        }
+
+        self.shared.snapshot.store(Arc::new(snap));
+        self.version.store(version, SeqCst);
+        metrics().config_version.set(version as i64);
+
+        let mut running = self.listeners.lock();
+        for l in &config.listeners {
+            if let Some(r) = running.get(&l.name) {
+                r.info.access_log.store(l.access_log, SeqCst);
+            }
+        }
+        for (l, sock) in bound {
+            let address = sock.local_addr().unwrap_or(l.address);
+            let info = Arc::new(ListenerInfo {
+                name: l.name.clone(),
+                role: l.role,
+                address,
+                shared: self.shared.clone(),
+                access_log: AtomicBool::new(l.access_log),
+                unmatched: RouteStats::new(&l.name, "", ""),
+            });
+            let (stop, stop_rx) = watch::channel(false);
+            match TcpListener::from_std(sock) {
+                Ok(tl) => {
+                    tracing::info!(listener = %l.name, role = l.role.as_str(), %address, "listening");
+                    tokio::spawn(accept_loop(tl, info.clone(), server_builder(&l), stop_rx));
+                }
+                Err(e) => tracing::error!(listener = %l.name, error = %e, "cannot register listener"),
+            }
+            if let Some(old) = running.insert(l.name.clone(), Running { config: l, info, stop }) {
+                let _ = old.stop.send(true);
+            }
+        }
+        let keep: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        running.retain(|name, r| {
+            let k = keep.contains(&name.as_str());
+            if !k {
+                tracing::info!(listener = %name, "listener removed");
+                let _ = r.stop.send(true);
+            }
+            k
+        });
+        Ok(version)
+    }
+
+    /// Starts draining: listeners stop accepting, open connections are
+    /// asked to finish (HTTP/1 `connection: close`, HTTP/2 GOAWAY).
+    pub fn begin_drain(&self) {
+        if self.shared.draining.swap(true, SeqCst) {
+            return;
+        }
+        tracing::info!("draining");
+        for r in self.listeners.lock().values() {
+            let _ = r.stop.send(true);
+        }
+        let _ = self.shared.drain_tx.send(true);
+    }
+
+    /// Waits until no downstream connection is open, or `deadline` passes.
+    /// Returns whether it went idle.
+    pub async fn wait_idle(&self, deadline: Duration) -> bool {
+        let wait = async {
+            loop {
+                let n = self.shared.idle.notified();
+                tokio::pin!(n);
+                n.as_mut().enable();
+                if self.shared.active.load(SeqCst) == 0 {
+                    return;
+                }
+                n.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(SeqCst)
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn server_builder(l: &Listener) -> Arc<auto::Builder<TokioExecutor>> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(l.max_header_bytes)
+        .header_read_timeout(Duration::from_secs(30));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(60));
+    Arc::new(b)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    info: Arc<ListenerInfo>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve_connection(stream, peer, info.clone(), builder.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %info.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    tracing::info!(listener = %info.name, "stopped accepting");
+}
+
+struct ConnGuard {
+    shared: Arc<Shared>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        if self.shared.active.fetch_sub(1, SeqCst) == 1 {
+            self.shared.idle.notify_waiters();
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, info: Arc<ListenerInfo>, builder: Arc<auto::Builder<TokioExecutor>>) {
+    let shared = info.shared.clone();
+    shared.active.fetch_add(1, SeqCst);
+    let m = metrics();
+    let gauge = m.connections.with_label_values(&[&info.name]);
+    gauge.inc();
+    m.connections_total.with_label_values(&[&info.name]).inc();
+    let _guard = ConnGuard { shared: shared.clone(), gauge };
+    let _ = stream.set_nodelay(true);
+
+    let stack = tower::ServiceBuilder::new()
+        .layer(MetricsLayer::new(info.clone()))
+        .layer(ErrorLayer)
+        .service(Forward { conn: Arc::new(ConnInfo { listener: info.clone(), peer }) });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(stack));
+    tokio::pin!(conn);
+    let mut drain = shared.drain_tx.subscribe();
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { drain.wait_for(|d| *d).await.map(|_| ()) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        let reason = classify(e.as_ref());
+        if let Some(reason) = reason {
+            m.bad_requests.with_label_values(&[&info.name, reason]).inc();
+            tracing::debug!(listener = %info.name, %peer, reason, error = %e, "bad request");
+        } else {
+            tracing::debug!(listener = %info.name, %peer, error = %e, "connection ended with error");
+        }
+    }
+}
+
+/// The client's fault, answered by hyper with a 4xx before our service ran.
+fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return Some("header-too-large");
+            }
+            if h.is_parse() {
+                return Some("malformed");
+            }
+            if h.is_timeout() {
+                return Some("header-timeout");
+            }
+            return None;
+        }
+        cur = err.source();
+    }
+    None
+}

@@ -1,0 +1,94 @@
+//! The process lifecycle of `outrigger run`: runtime, admin servers, the
+//! proxy, the config watcher, signals and draining.
+
+use crate::admin::{self, Kind};
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::telemetry::metrics;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Options {
+    pub threads: usize,
+    pub drain_timeout: Duration,
+    pub watch_interval: Duration,
+}
+
+/// Worker threads: the CPUs this process may use. `available_parallelism`
+/// honours the cgroup CPU quota (cgroup v1 and v2) and the affinity mask,
+/// so a container limited to 1.5 CPUs gets 1 worker, not the host's count.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One worker → a current-thread runtime: no work stealing, no cross-thread wake-ups.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot bind the admin server on {addr}: {source}")]
+    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Apply(#[from] crate::proxy::ApplyError),
+}
+
+/// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains.
+/// `watch` is the file to re-read for config changes.
+pub async fn serve(config: Config, watch: Option<(PathBuf, Vec<u8>)>, opts: &Options) -> Result<(), RunError> {
+    let state = admin::State::new();
+    for (addr, kind) in [(config.admin.address, Kind::Admin), (config.admin.probes, Kind::Probes)] {
+        admin::serve(addr, kind, state.clone())
+            .await
+            .map_err(|source| RunError::Admin { addr, source })?;
+    }
+    let proxy = Proxy::start(config).await?;
+    metrics().feed_updates.with_label_values(&["ack"]).inc();
+    state.set_proxy(proxy.clone());
+    tracing::info!(version = proxy.version(), "ready");
+    if let Some((path, bytes)) = watch {
+        tokio::spawn(crate::feed::watch_file(path, proxy.clone(), opts.watch_interval, bytes));
+    }
+    wait_for_shutdown(&state).await;
+    drain(&proxy, opts.drain_timeout).await;
+    Ok(())
+}
+
+pub async fn drain(proxy: &Arc<Proxy>, deadline: Duration) {
+    proxy.begin_drain();
+    if proxy.wait_idle(deadline).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(open = proxy.active_connections(), "drain deadline passed; exiting");
+    }
+}
+
+async fn wait_for_shutdown(state: &admin::State) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        if let (Ok(mut term), Ok(mut int)) = (term, int) {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+                _ = state.shutdown_requested() => tracing::info!("shutdown requested"),
+            }
+            return;
+        }
+    }
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = state.shutdown_requested() => {},
+    }
+}

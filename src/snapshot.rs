@@ -1,0 +1,146 @@
+//! A config snapshot compiled for the request path: per-listener route
+//! tables, clusters with their pools, and pre-resolved metric label sets.
+//!
+//! Built once per config version. Clusters whose config did not change keep
+//! their `Arc<Cluster>` across snapshots, and with it their pools and
+//! latency estimates.
+
+use crate::balance::Cluster;
+use crate::config::{self, Config, Role};
+use crate::route::{CompileError, RouteTable};
+use crate::telemetry::RouteStats;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Where a route's backend sends requests, with its metric labels.
+pub struct Target {
+    pub cluster: Arc<Cluster>,
+    pub stats: Arc<RouteStats>,
+}
+
+pub struct ListenerRoutes {
+    pub table: RouteTable,
+    /// `targets[route][backend]`
+    pub targets: Vec<Vec<Target>>,
+    /// Inbound listeners: the local app, for requests no route claims.
+    pub forward: Option<Target>,
+    /// Labels for requests answered without a route.
+    pub unmatched: Arc<RouteStats>,
+    pub access_log: bool,
+}
+
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Arc<Config>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub listeners: HashMap<String, ListenerRoutes>,
+}
+
+impl Snapshot {
+    pub fn build(config: Config, version: u64, prev: Option<&Snapshot>) -> Result<Snapshot, CompileError> {
+        let mut clusters = HashMap::new();
+        let reuse = |c: &config::Cluster| -> Arc<Cluster> {
+            match prev.and_then(|p| p.clusters.get(&c.name)) {
+                Some(old) if old.config == *c => old.clone(),
+                _ => Cluster::new(c),
+            }
+        };
+        for c in &config.clusters {
+            clusters.insert(c.name.clone(), reuse(c));
+        }
+        let mut listeners = HashMap::new();
+        for l in &config.listeners {
+            let routes: Vec<&config::Route> = config
+                .routes
+                .iter()
+                .filter(|r| match &r.listeners {
+                    Some(ls) => ls.iter().any(|n| *n == l.name),
+                    None => l.role != Role::Inbound,
+                })
+                .collect();
+            let table = RouteTable::compile(routes.iter().copied())?;
+            let targets = routes
+                .iter()
+                .map(|r| {
+                    r.backends
+                        .iter()
+                        .filter_map(|b| {
+                            let cluster = clusters.get(&b.cluster)?.clone();
+                            let stats = RouteStats::new(&l.name, &r.name, &b.cluster);
+                            Some(Target { cluster, stats })
+                        })
+                        .collect()
+                })
+                .collect();
+            let forward = l.forward_to.map(|addr| {
+                let name = format!("inbound:{}", l.name);
+                let cc = config::Cluster {
+                    name: name.clone(),
+                    protocol: config::Protocol::Auto,
+                    lb: config::LbPolicy::RoundRobin,
+                    hash_on: None,
+                    connect_timeout: config::Dur::secs(1),
+                    idle_timeout: config::Dur::secs(90),
+                    max_idle_per_endpoint: 256,
+                    endpoints: vec![config::Endpoint { address: addr, identity: None }],
+                };
+                let cluster = match prev.and_then(|p| p.listeners.get(&l.name)).and_then(|p| p.forward.as_ref()) {
+                    Some(t) if t.cluster.config == cc => t.cluster.clone(),
+                    _ => Cluster::new(&cc),
+                };
+                Target { cluster, stats: RouteStats::new(&l.name, "inbound", &name) }
+            });
+            listeners.insert(
+                l.name.clone(),
+                ListenerRoutes {
+                    table,
+                    targets,
+                    forward,
+                    unmatched: RouteStats::new(&l.name, "", ""),
+                    access_log: l.access_log,
+                },
+            );
+        }
+        Ok(Snapshot { version, config: Arc::new(config), clusters, listeners })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_clusters_are_kept_across_snapshots() {
+        let a = Config::from_yaml(
+            "clusters:\n  - { name: a, endpoints: [ { address: 127.0.0.1:1 } ] }\n  - { name: b }\n",
+        )
+        .unwrap();
+        let s1 = Snapshot::build(a, 1, None).unwrap();
+        let b = Config::from_yaml(
+            "clusters:\n  - { name: a, endpoints: [ { address: 127.0.0.1:1 } ] }\n  - { name: b, lb: random }\n",
+        )
+        .unwrap();
+        let s2 = Snapshot::build(b, 2, Some(&s1)).unwrap();
+        assert!(Arc::ptr_eq(&s1.clusters["a"], &s2.clusters["a"]));
+        assert!(!Arc::ptr_eq(&s1.clusters["b"], &s2.clusters["b"]));
+    }
+
+    #[test]
+    fn inbound_listeners_take_only_named_routes() {
+        let c = Config::from_yaml(
+            r#"
+listeners:
+  - { name: in, role: inbound, address: 127.0.0.1:15006, forward_to: 127.0.0.1:8080 }
+  - { name: out, role: outbound, address: 127.0.0.1:15001 }
+routes:
+  - { name: r, backends: [ { cluster: a } ] }
+clusters: [ { name: a } ]
+"#,
+        )
+        .unwrap();
+        let s = Snapshot::build(c, 1, None).unwrap();
+        assert_eq!(s.listeners["in"].table.routes.len(), 0);
+        assert!(s.listeners["in"].forward.is_some());
+        assert_eq!(s.listeners["out"].table.routes.len(), 1);
+    }
+}

@@ -1,0 +1,211 @@
+//! Metrics registry and names, and log setup.
+//!
+//! All metric families live in one `Metrics` value created at start-up.
+//! Per-route label sets are resolved once per config snapshot
+//! (`RouteStats`), never per request, so recording a request is a few
+//! atomic adds.
+
+use parking_lot::RwLock;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::sync::{Arc, OnceLock};
+
+/// Every metric family Outrigger exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub connections: IntGaugeVec,
+    pub connections_total: IntCounterVec,
+    pub bad_requests: IntCounterVec,
+    pub config_version: IntGauge,
+    pub feed_updates: IntCounterVec,
+    pub upstream_connect_failures: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn build() -> Result<Metrics, prometheus::Error> {
+    let registry = Registry::new();
+    let requests = IntCounterVec::new(
+        Opts::new("outrigger_requests_total", "Requests answered, by route, cluster and status code."),
+        &["listener", "route", "cluster", "code"],
+    )?;
+    let duration = HistogramVec::new(
+        HistogramOpts::new(
+            "outrigger_request_duration_seconds",
+            "Time from request head received to response head sent.",
+        )
+        .buckets(LATENCY_BUCKETS.to_vec()),
+        &["listener", "route", "cluster"],
+    )?;
+    let connections = IntGaugeVec::new(
+        Opts::new("outrigger_connections", "Open downstream connections."),
+        &["listener"],
+    )?;
+    let connections_total = IntCounterVec::new(
+        Opts::new("outrigger_connections_total", "Downstream connections accepted."),
+        &["listener"],
+    )?;
+    let bad_requests = IntCounterVec::new(
+        Opts::new(
+            "outrigger_bad_requests_total",
+            "Malformed requests answered with a 4xx by the proxy itself.",
+        ),
+        &["listener", "reason"],
+    )?;
+    let config_version = IntGauge::new(
+        "outrigger_config_version",
+        "Version of the config snapshot in force.",
+    )?;
+    let feed_updates = IntCounterVec::new(
+        Opts::new("outrigger_feed_updates_total", "Config updates seen, by result (ack, nack)."),
+        &["result"],
+    )?;
+    let upstream_connect_failures = IntCounterVec::new(
+        Opts::new(
+            "outrigger_upstream_connect_failures_total",
+            "Failed connection attempts to upstream endpoints.",
+        ),
+        &["cluster"],
+    )?;
+    registry.register(Box::new(requests.clone()))?;
+    registry.register(Box::new(duration.clone()))?;
+    registry.register(Box::new(connections.clone()))?;
+    registry.register(Box::new(connections_total.clone()))?;
+    registry.register(Box::new(bad_requests.clone()))?;
+    registry.register(Box::new(config_version.clone()))?;
+    registry.register(Box::new(feed_updates.clone()))?;
+    registry.register(Box::new(upstream_connect_failures.clone()))?;
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(prometheus::process_collector::ProcessCollector::new(
+        std::process::id() as i32,
+        "outrigger",
+    )))?;
+    Ok(Metrics {
+        registry,
+        requests,
+        duration,
+        connections,
+        connections_total,
+        bad_requests,
+        config_version,
+        feed_updates,
+        upstream_connect_failures,
+    })
+}
+
+/// The process-wide metrics. Registration of fixed, distinct names cannot fail.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| match build() {
+        Ok(m) => m,
+        Err(e) => panic!("metric registration is static and cannot conflict: {e}"),
+    })
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render() -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * 1024);
+    let families = metrics().registry.gather();
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
+/// Label set of one (listener, route, cluster), resolved once per snapshot.
+pub struct RouteStats {
+    listener: String,
+    route: String,
+    cluster: String,
+    pub duration: prometheus::Histogram,
+    // Status codes seen so far; a handful per route, so a short scan wins.
+    codes: RwLock<Vec<(u16, IntCounter)>>,
+}
+
+impl RouteStats {
+    pub fn new(listener: &str, route: &str, cluster: &str) -> Arc<Self> {
+        let m = metrics();
+        Arc::new(RouteStats {
+            listener: listener.to_string(),
+            route: route.to_string(),
+            cluster: cluster.to_string(),
+            duration: m.duration.with_label_values(&[listener, route, cluster]),
+            codes: RwLock::new(Vec::new()),
+        })
+    }
+
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub fn record(&self, status: u16, seconds: f64) {
+        self.duration.observe(seconds);
+        if let Some((_, c)) = self.codes.read().iter().find(|(s, _)| *s == status) {
+            c.inc();
+            return;
+        }
+        let mut codes = self.codes.write();
+        if let Some((_, c)) = codes.iter().find(|(s, _)| *s == status) {
+            c.inc();
+            return;
+        }
+        let buf = itoa_buf(status);
+        let code = std::str::from_utf8(&buf).unwrap_or("000");
+        let c = metrics()
+            .requests
+            .with_label_values(&[&self.listener, &self.route, &self.cluster, code]);
+        c.inc();
+        codes.push((status, c));
+    }
+}
+
+fn itoa_buf(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [b'0' + (s / 100) as u8, b'0' + (s / 10 % 10) as u8, b'0' + (s % 10) as u8]
+}
+
+/// Installs the JSON log subscriber. `RUST_LOG` wins over `level`.
+pub fn init_logs(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_stats_count_by_code() {
+        let s = RouteStats::new("l-test", "r-test", "c-test");
+        s.record(200, 0.001);
+        s.record(200, 0.002);
+        s.record(503, 0.003);
+        let c = metrics()
+            .requests
+            .with_label_values(&["l-test", "r-test", "c-test", "200"])
+            .get();
+        assert_eq!(c, 2);
+        let text = String::from_utf8(render()).unwrap();
+        assert!(text.contains(
+            "outrigger_requests_total{cluster=\"c-test\",code=\"503\",listener=\"l-test\",route=\"r-test\"} 1"
+        ));
+        assert!(text.contains("outrigger_request_duration_seconds_bucket"));
+    }
+}
