@@ -21,7 +21,11 @@ pub enum DemoError {
     #[error("embedded demo config is invalid: {0}")]
     Config(#[from] crate::config::ConfigErrors),
     #[error("demo app {name} cannot bind {addr}: {source} (is another demo running?)")]
-    Bind { name: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Run(#[from] run::RunError),
 }
@@ -32,7 +36,9 @@ pub async fn run(opts: &Options) -> Result<(), DemoError> {
     let config = Config::from_yaml(DEMO_CONFIG)?;
     for (name, port) in APPS {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let l = TcpListener::bind(addr).await.map_err(|source| DemoError::Bind { name, addr, source })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DemoError::Bind { name, addr, source })?;
         tokio::spawn(serve_app(l, name));
     }
     println!("{}", banner());
@@ -42,42 +48,83 @@ pub async fn run(opts: &Options) -> Result<(), DemoError> {
 
 fn banner() -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "\nOutrigger demo: apps hello-1 :18081, hello-2 :18082, echo :18083 behind one proxy.\n");
+    let _ = writeln!(
+        s,
+        "\nOutrigger demo: apps hello-1 :18081, hello-2 :18082, echo :18083 behind one proxy.\n"
+    );
     let _ = writeln!(s, "Try:");
     for (what, cmd) in [
-        ("outbound, balanced over two replicas", "curl -s -H 'host: hello.demo' http://127.0.0.1:15001/"),
-        ("outbound, HTTP/2 (prior knowledge)", "curl -s --http2-prior-knowledge -H 'host: hello.demo' http://127.0.0.1:15001/"),
-        ("outbound, 90/10 split", "for i in $(seq 20); do curl -s -H 'host: echo.demo' http://127.0.0.1:15001/ | head -1; done | sort | uniq -c"),
-        ("outbound, header route (canary)", "curl -s -H 'host: echo.demo' -H 'x-canary: 1' http://127.0.0.1:15001/"),
-        ("inbound, in front of the echo app", "curl -s http://127.0.0.1:15006/anything"),
-        ("gateway, path routing + x-forwarded-for", "curl -s http://127.0.0.1:18080/echo/path"),
-        ("no route → 404 with a reason header", "curl -si -H 'host: nowhere' http://127.0.0.1:15001/"),
+        (
+            "outbound, balanced over two replicas",
+            "curl -s -H 'host: hello.demo' http://127.0.0.1:15001/",
+        ),
+        (
+            "outbound, HTTP/2 (prior knowledge)",
+            "curl -s --http2-prior-knowledge -H 'host: hello.demo' http://127.0.0.1:15001/",
+        ),
+        (
+            "outbound, 90/10 split",
+            "for i in $(seq 20); do curl -s -H 'host: echo.demo' http://127.0.0.1:15001/ | head -1; done | sort | uniq -c",
+        ),
+        (
+            "outbound, header route (canary)",
+            "curl -s -H 'host: echo.demo' -H 'x-canary: 1' http://127.0.0.1:15001/",
+        ),
+        (
+            "inbound, in front of the echo app",
+            "curl -s http://127.0.0.1:15006/anything",
+        ),
+        (
+            "gateway, path routing + x-forwarded-for",
+            "curl -s http://127.0.0.1:18080/echo/path",
+        ),
+        (
+            "no route → 404 with a reason header",
+            "curl -si -H 'host: nowhere' http://127.0.0.1:15001/",
+        ),
     ] {
         let _ = writeln!(s, "  # {what}\n  {cmd}\n");
     }
     let _ = writeln!(s, "Look at:");
-    let _ = writeln!(s, "  curl -s http://127.0.0.1:15020/metrics | grep outrigger_requests_total");
+    let _ = writeln!(
+        s,
+        "  curl -s http://127.0.0.1:15020/metrics | grep outrigger_requests_total"
+    );
     let _ = writeln!(s, "  curl -s http://127.0.0.1:15000/clusters");
     let _ = writeln!(s, "  curl -s http://127.0.0.1:15000/config");
     let _ = writeln!(s, "  curl -s http://127.0.0.1:15020/ready");
-    let _ = writeln!(s, "\nStop with Ctrl-C (or: curl -X POST http://127.0.0.1:15000/shutdown).");
+    let _ = writeln!(
+        s,
+        "\nStop with Ctrl-C (or: curl -X POST http://127.0.0.1:15000/shutdown)."
+    );
     s
 }
 
 async fn serve_app(l: TcpListener, name: &'static str) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
-        let Ok((stream, _)) = l.accept().await else { continue };
+        let Ok((stream, _)) = l.accept().await else {
+            continue;
+        };
         let builder = builder.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| async move { Ok::<_, std::convert::Infallible>(app(name, req)) });
-            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+            let svc = hyper::service::service_fn(move |req| async move {
+                Ok::<_, std::convert::Infallible>(app(name, req))
+            });
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
 
 fn app(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let mut body = format!("{name}: {} {} {:?}\n", req.method(), req.uri(), req.version());
+    let mut body = format!(
+        "{name}: {} {} {:?}\n",
+        req.method(),
+        req.uri(),
+        req.version()
+    );
     if name == "echo" {
         for (k, v) in req.headers() {
             let _ = writeln!(body, "  {k}: {}", String::from_utf8_lossy(v.as_bytes()));

@@ -72,12 +72,22 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Cmd::Run { config, watch_interval, common } => {
+        Cmd::Run {
+            config,
+            watch_interval,
+            common,
+        } => {
             outrigger::telemetry::init_logs(&common.log_level);
             let bytes = match std::fs::read(&config) {
                 Ok(b) => b,
                 Err(source) => {
-                    report(&config, &LoadError::Read { path: config.display().to_string(), source });
+                    report(
+                        &config,
+                        &LoadError::Read {
+                            path: config.display().to_string(),
+                            source,
+                        },
+                    );
                     return ExitCode::from(1);
                 }
             };
@@ -107,7 +117,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn block_on<E: std::fmt::Display>(opts: &Options, fut: impl std::future::Future<Output = Result<(), E>>) -> ExitCode {
+fn block_on<E: std::fmt::Display>(
+    opts: &Options,
+    fut: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
     let rt = match run::runtime(opts.threads) {
         Ok(rt) => rt,
         Err(e) => {

@@ -25,7 +25,9 @@ pub fn default_threads() -> usize {
 /// One worker → a current-thread runtime: no work stealing, no cross-thread wake-ups.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
@@ -37,16 +39,26 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot bind the admin server on {addr}: {source}")]
-    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Apply(#[from] crate::proxy::ApplyError),
 }
 
 /// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains.
 /// `watch` is the file to re-read for config changes.
-pub async fn serve(config: Config, watch: Option<(PathBuf, Vec<u8>)>, opts: &Options) -> Result<(), RunError> {
+pub async fn serve(
+    config: Config,
+    watch: Option<(PathBuf, Vec<u8>)>,
+    opts: &Options,
+) -> Result<(), RunError> {
     let state = admin::State::new();
-    for (addr, kind) in [(config.admin.address, Kind::Admin), (config.admin.probes, Kind::Probes)] {
+    for (addr, kind) in [
+        (config.admin.address, Kind::Admin),
+        (config.admin.probes, Kind::Probes),
+    ] {
         admin::serve(addr, kind, state.clone())
             .await
             .map_err(|source| RunError::Admin { addr, source })?;
@@ -56,7 +68,12 @@ pub async fn serve(config: Config, watch: Option<(PathBuf, Vec<u8>)>, opts: &Opt
     state.set_proxy(proxy.clone());
     tracing::info!(version = proxy.version(), "ready");
     if let Some((path, bytes)) = watch {
-        tokio::spawn(crate::feed::watch_file(path, proxy.clone(), opts.watch_interval, bytes));
+        tokio::spawn(crate::feed::watch_file(
+            path,
+            proxy.clone(),
+            opts.watch_interval,
+            bytes,
+        ));
     }
     wait_for_shutdown(&state).await;
     drain(&proxy, opts.drain_timeout).await;
@@ -68,7 +85,10 @@ pub async fn drain(proxy: &Arc<Proxy>, deadline: Duration) {
     if proxy.wait_idle(deadline).await {
         tracing::info!("drained; exiting");
     } else {
-        tracing::warn!(open = proxy.active_connections(), "drain deadline passed; exiting");
+        tracing::warn!(
+            open = proxy.active_connections(),
+            "drain deadline passed; exiting"
+        );
     }
 }
 

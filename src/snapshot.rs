@@ -37,7 +37,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(config: Config, version: u64, prev: Option<&Snapshot>) -> Result<Snapshot, CompileError> {
+    pub fn build(
+        config: Config,
+        version: u64,
+        prev: Option<&Snapshot>,
+    ) -> Result<Snapshot, CompileError> {
         let mut clusters = HashMap::new();
         let reuse = |c: &config::Cluster| -> Arc<Cluster> {
             match prev.and_then(|p| p.clusters.get(&c.name)) {
@@ -82,13 +86,22 @@ impl Snapshot {
                     connect_timeout: config::Dur::secs(1),
                     idle_timeout: config::Dur::secs(90),
                     max_idle_per_endpoint: 256,
-                    endpoints: vec![config::Endpoint { address: addr, identity: None }],
+                    endpoints: vec![config::Endpoint {
+                        address: addr,
+                        identity: None,
+                    }],
                 };
-                let cluster = match prev.and_then(|p| p.listeners.get(&l.name)).and_then(|p| p.forward.as_ref()) {
+                let cluster = match prev
+                    .and_then(|p| p.listeners.get(&l.name))
+                    .and_then(|p| p.forward.as_ref())
+                {
                     Some(t) if t.cluster.config == cc => t.cluster.clone(),
                     _ => Cluster::new(&cc),
                 };
-                Target { cluster, stats: RouteStats::new(&l.name, "inbound", &name) }
+                Target {
+                    cluster,
+                    stats: RouteStats::new(&l.name, "inbound", &name),
+                }
             });
             listeners.insert(
                 l.name.clone(),
@@ -101,7 +114,12 @@ impl Snapshot {
                 },
             );
         }
-        Ok(Snapshot { version, config: Arc::new(config), clusters, listeners })
+        Ok(Snapshot {
+            version,
+            config: Arc::new(config),
+            clusters,
+            listeners,
+        })
     }
 }
 

@@ -11,8 +11,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -39,7 +39,9 @@ impl State {
     }
 
     fn ready(&self) -> bool {
-        self.proxy.get().is_some_and(|p| !p.shared.draining.load(SeqCst))
+        self.proxy
+            .get()
+            .is_some_and(|p| !p.shared.draining.load(SeqCst))
     }
 }
 
@@ -56,7 +58,9 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
     tokio::spawn(async move {
         let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let state = state.clone();
             let builder = builder.clone();
             tokio::spawn(async move {
@@ -72,10 +76,17 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
     Ok(bound)
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -90,7 +101,11 @@ fn handle(kind: Kind, state: &State, req: Request<Incoming>) -> Response<Full<By
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", PLAIN)
             }
         }
-        (&Method::GET, "/metrics", _) => text(StatusCode::OK, telemetry::render(), "text/plain; version=0.0.4"),
+        (&Method::GET, "/metrics", _) => text(
+            StatusCode::OK,
+            telemetry::render(),
+            "text/plain; version=0.0.4",
+        ),
         (&Method::GET, "/config", Kind::Admin) => match state.proxy.get() {
             Some(p) => {
                 let snap = p.snapshot();
@@ -117,7 +132,11 @@ fn clusters_json(p: &Proxy) -> String {
     let mut names: Vec<&String> = snap.clusters.keys().collect();
     names.sort();
     let mut all: Vec<_> = names.into_iter().map(|n| &snap.clusters[n]).collect();
-    let mut inbound: Vec<_> = snap.listeners.values().filter_map(|l| l.forward.as_ref().map(|t| &t.cluster)).collect();
+    let mut inbound: Vec<_> = snap
+        .listeners
+        .values()
+        .filter_map(|l| l.forward.as_ref().map(|t| &t.cluster))
+        .collect();
     all.append(&mut inbound);
     let clusters: Vec<_> = all
         .iter()

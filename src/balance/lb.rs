@@ -36,12 +36,17 @@ impl Lb {
             (LbPolicy::Random, _) => Lb::Random,
             (LbPolicy::RingHash, Some(on)) => {
                 let key = match (&on.header, &on.cookie) {
-                    (Some(h), _) => http::HeaderName::from_bytes(h.as_bytes()).ok().map(HashKey::Header),
+                    (Some(h), _) => http::HeaderName::from_bytes(h.as_bytes())
+                        .ok()
+                        .map(HashKey::Header),
                     (None, Some(c)) => Some(HashKey::Cookie(c.clone())),
                     (None, None) => None,
                 };
                 match key {
-                    Some(on) => Lb::RingHash { ring: build_ring(endpoints), on },
+                    Some(on) => Lb::RingHash {
+                        ring: build_ring(endpoints),
+                        on,
+                    },
                     None => Lb::Random,
                 }
             }
@@ -52,7 +57,9 @@ impl Lb {
 
     /// The request's hash key, for ring-hash only.
     pub fn hash_key(&self, headers: &HeaderMap) -> Option<u64> {
-        let Lb::RingHash { on, .. } = self else { return None };
+        let Lb::RingHash { on, .. } = self else {
+            return None;
+        };
         match on {
             HashKey::Header(name) => headers.get(name).map(|v| hash_bytes(v.as_bytes())),
             HashKey::Cookie(name) => headers
@@ -77,11 +84,19 @@ impl Lb {
             Lb::Random => fastrand::usize(..n),
             Lb::P2cEwma => {
                 let (a, b) = two_distinct(n);
-                if eps[a].load_cost() <= eps[b].load_cost() { a } else { b }
+                if eps[a].load_cost() <= eps[b].load_cost() {
+                    a
+                } else {
+                    b
+                }
             }
             Lb::LeastRequest => {
                 let (a, b) = two_distinct(n);
-                if eps[a].in_flight() <= eps[b].in_flight() { a } else { b }
+                if eps[a].in_flight() <= eps[b].in_flight() {
+                    a
+                } else {
+                    b
+                }
             }
             Lb::RingHash { ring, .. } => match key {
                 Some(k) if !ring.is_empty() => {
@@ -186,7 +201,14 @@ mod tests {
     #[test]
     fn ring_hash_is_sticky_and_spread() {
         let e = eps(4);
-        let lb = Lb::new(LbPolicy::RingHash, Some(&HashOn { header: Some("x-user".into()), cookie: None }), &e);
+        let lb = Lb::new(
+            LbPolicy::RingHash,
+            Some(&HashOn {
+                header: Some("x-user".into()),
+                cookie: None,
+            }),
+            &e,
+        );
         let mut counts = [0; 4];
         for u in 0..4000 {
             let k = hash_bytes(format!("user-{u}").as_bytes());
@@ -202,7 +224,14 @@ mod tests {
     #[test]
     fn ring_hash_reads_header_and_cookie() {
         let e = eps(2);
-        let lb = Lb::new(LbPolicy::RingHash, Some(&HashOn { header: None, cookie: Some("sid".into()) }), &e);
+        let lb = Lb::new(
+            LbPolicy::RingHash,
+            Some(&HashOn {
+                header: None,
+                cookie: Some("sid".into()),
+            }),
+            &e,
+        );
         let mut h = HeaderMap::new();
         h.insert("cookie", "a=1; sid=abc; b=2".parse().unwrap());
         assert_eq!(lb.hash_key(&h), Some(hash_bytes(b"abc")));

@@ -34,7 +34,12 @@ impl Cluster {
             .map(|e| Endpoint::new(e.address, &c.name, settings))
             .collect();
         let lb = Lb::new(c.lb, c.hash_on.as_ref(), &endpoints);
-        let cluster = Arc::new(Cluster { name: c.name.clone(), config: c.clone(), endpoints, lb });
+        let cluster = Arc::new(Cluster {
+            name: c.name.clone(),
+            config: c.clone(),
+            endpoints,
+            lb,
+        });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(sweep_idle(Arc::downgrade(&cluster), c.idle_timeout.0));
         }

@@ -47,19 +47,31 @@ impl Default for PoolSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect to {addr} failed: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
     #[error("handshake with {addr} failed: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
     #[error("upstream {addr} failed: {source}")]
-    Request { addr: SocketAddr, source: hyper::Error },
+    Request {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
 }
 
 impl UpstreamError {
     /// True when nothing reached the upstream application.
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+        )
     }
 }
 
@@ -88,7 +100,9 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint").field("addr", &self.addr).finish()
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -127,7 +141,11 @@ impl Endpoint {
 
     /// Sends one request and returns the response head with a body that
     /// gives the connection back to the pool when it ends.
-    pub async fn send(self: &Arc<Self>, req: Request<ReqBody>, proto: Proto) -> Result<Response<PooledBody>, UpstreamError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<ReqBody>,
+        proto: Proto,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         self.in_flight.fetch_add(1, Relaxed);
         self.requests.fetch_add(1, Relaxed);
         let guard = InFlight(self.clone());
@@ -169,24 +187,38 @@ impl Endpoint {
             };
             if let Err(source) = sender.ready().await {
                 if fresh {
-                    return Err(UpstreamError::Handshake { addr: self.addr, source });
+                    return Err(UpstreamError::Handshake {
+                        addr: self.addr,
+                        source,
+                    });
                 }
                 continue;
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    let ret = PoolReturn { sender, endpoint: self.clone() };
+                    let ret = PoolReturn {
+                        sender,
+                        endpoint: self.clone(),
+                    };
                     return Ok(resp.map(|b| (b, Some(ret))));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if !fresh => req = back,
-                    _ => return Err(UpstreamError::Request { addr: self.addr, source: e.into_error() }),
+                    _ => {
+                        return Err(UpstreamError::Request {
+                            addr: self.addr,
+                            source: e.into_error(),
+                        });
+                    }
                 },
             }
         }
     }
 
-    async fn send_h2(self: &Arc<Self>, req: Request<ReqBody>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let existing = self.h2.lock().as_ref().filter(|s| !s.is_closed()).cloned();
         let mut sender = match existing {
             Some(s) => s,
@@ -199,11 +231,17 @@ impl Endpoint {
         sender
             .ready()
             .await
-            .map_err(|source| UpstreamError::Request { addr: self.addr, source })?;
+            .map_err(|source| UpstreamError::Request {
+                addr: self.addr,
+                source,
+            })?;
         sender
             .send_request(req)
             .await
-            .map_err(|source| UpstreamError::Request { addr: self.addr, source })
+            .map_err(|source| UpstreamError::Request {
+                addr: self.addr,
+                source,
+            })
     }
 
     fn checkout(&self) -> Option<http1::SendRequest<ReqBody>> {
@@ -222,14 +260,19 @@ impl Endpoint {
         }
         let mut idle = self.idle.lock();
         if idle.len() < self.settings.max_idle {
-            idle.push(Idle { sender, since: Instant::now() });
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
         }
     }
 
     /// Drops idle connections past their idle timeout.
     pub fn sweep(&self) {
         let limit = self.settings.idle_timeout;
-        self.idle.lock().retain(|i| !i.sender.is_closed() && i.since.elapsed() < limit);
+        self.idle
+            .lock()
+            .retain(|i| !i.sender.is_closed() && i.since.elapsed() < limit);
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
@@ -262,7 +305,10 @@ impl Endpoint {
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|source| UpstreamError::Handshake { addr: self.addr, source })?;
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream http1 connection ended");
@@ -278,7 +324,10 @@ impl Endpoint {
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(io)
             .await
-            .map_err(|source| UpstreamError::Handshake { addr: self.addr, source })?;
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream http2 connection ended");
@@ -312,7 +361,9 @@ pub struct PooledBody {
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBody").field("done", &self.done).finish()
+        f.debug_struct("PooledBody")
+            .field("done", &self.done)
+            .finish()
     }
 }
 
@@ -333,7 +384,10 @@ impl Body for PooledBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {

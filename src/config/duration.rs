@@ -33,7 +33,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("`{s}` has unknown unit `{unit}` (use us, ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "`{s}` has unknown unit `{unit}` (use us, ms, s, m or h)"
+            ));
+        }
     };
     let secs = value * scale;
     if !secs.is_finite() || secs > 1e9 {
@@ -69,10 +73,14 @@ impl<'de> Deserialize<'de> for Dur {
                 parse_duration(s).map(Dur).map_err(E::custom)
             }
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Dur, E> {
-                Err(E::custom(format!("`{n}` has no unit (use us, ms, s, m or h)")))
+                Err(E::custom(format!(
+                    "`{n}` has no unit (use us, ms, s, m or h)"
+                )))
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Dur, E> {
-                Err(E::custom(format!("`{n}` has no unit (use us, ms, s, m or h)")))
+                Err(E::custom(format!(
+                    "`{n}` has no unit (use us, ms, s, m or h)"
+                )))
             }
         }
         d.deserialize_any(V)

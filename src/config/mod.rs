@@ -334,10 +334,17 @@ impl Config {
             if l.name.is_empty() {
                 err(format!("{p}.name"), "must not be empty".into());
             } else if !names.insert(l.name.as_str()) {
-                err(format!("{p}.name"), format!("duplicate listener name `{}`", l.name));
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate listener name `{}`", l.name),
+                );
             }
-            if !addrs.insert(l.address) {
-                err(format!("{p}.address"), format!("address {} is used twice", l.address));
+            // Port 0 (tests, ephemeral ports) never collides.
+            if l.address.port() != 0 && !addrs.insert(l.address) {
+                err(
+                    format!("{p}.address"),
+                    format!("address {} is used twice", l.address),
+                );
             }
             if l.forward_to.is_some() && l.role != Role::Inbound {
                 err(
@@ -346,10 +353,16 @@ impl Config {
                 );
             }
             if l.max_header_bytes < 8192 {
-                err(format!("{p}.max_header_bytes"), "must be at least 8192".into());
+                err(
+                    format!("{p}.max_header_bytes"),
+                    "must be at least 8192".into(),
+                );
             }
             if l.idle_timeout.0.is_zero() {
-                err(format!("{p}.idle_timeout"), "must be greater than zero".into());
+                err(
+                    format!("{p}.idle_timeout"),
+                    "must be greater than zero".into(),
+                );
             }
         }
 
@@ -360,12 +373,18 @@ impl Config {
             if r.name.is_empty() {
                 err(format!("{p}.name"), "must not be empty".into());
             } else if !route_names.insert(r.name.as_str()) {
-                err(format!("{p}.name"), format!("duplicate route name `{}`", r.name));
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate route name `{}`", r.name),
+                );
             }
             if let Some(ls) = &r.listeners {
                 for (j, l) in ls.iter().enumerate() {
                     if !names.contains(l.as_str()) {
-                        err(format!("{p}.listeners[{j}]"), format!("no listener named `{l}`"));
+                        err(
+                            format!("{p}.listeners[{j}]"),
+                            format!("no listener named `{l}`"),
+                        );
                     }
                 }
             }
@@ -383,13 +402,19 @@ impl Config {
             for (field, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
                 if let Some(v) = v {
                     if !v.starts_with('/') {
-                        err(format!("{p}.match.{field}"), format!("`{v}` must start with `/`"));
+                        err(
+                            format!("{p}.match.{field}"),
+                            format!("`{v}` must start with `/`"),
+                        );
                     }
                 }
             }
             if let Some(re) = &m.path_regex {
                 if let Err(e) = regex::Regex::new(re) {
-                    err(format!("{p}.match.path_regex"), format!("invalid regex: {e}"));
+                    err(
+                        format!("{p}.match.path_regex"),
+                        format!("invalid regex: {e}"),
+                    );
                 }
             }
             if let Some(h) = &m.host {
@@ -400,14 +425,20 @@ impl Config {
             for (j, h) in m.headers.iter().enumerate() {
                 let hp = format!("{p}.match.headers[{j}]");
                 if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
-                    err(format!("{hp}.name"), format!("`{}` is not a valid header name", h.name));
+                    err(
+                        format!("{hp}.name"),
+                        format!("`{}` is not a valid header name", h.name),
+                    );
                 }
                 let set = [h.exact.is_some(), h.regex.is_some(), h.present.is_some()]
                     .iter()
                     .filter(|b| **b)
                     .count();
                 if set != 1 {
-                    err(hp.clone(), "set exactly one of exact, regex and present".into());
+                    err(
+                        hp.clone(),
+                        "set exactly one of exact, regex and present".into(),
+                    );
                 }
                 if let Some(re) = &h.regex {
                     if let Err(e) = regex::Regex::new(re) {
@@ -417,7 +448,10 @@ impl Config {
             }
             for (j, meth) in m.methods.iter().enumerate() {
                 if http::Method::from_bytes(meth.as_bytes()).is_err() {
-                    err(format!("{p}.match.methods[{j}]"), format!("`{meth}` is not a method"));
+                    err(
+                        format!("{p}.match.methods[{j}]"),
+                        format!("`{meth}` is not a method"),
+                    );
                 }
             }
             if r.backends.is_empty() {
@@ -444,7 +478,10 @@ impl Config {
             if c.name.is_empty() {
                 err(format!("{p}.name"), "must not be empty".into());
             } else if !seen.insert(c.name.as_str()) {
-                err(format!("{p}.name"), format!("duplicate cluster name `{}`", c.name));
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate cluster name `{}`", c.name),
+                );
             }
             match (&c.lb, &c.hash_on) {
                 (LbPolicy::RingHash, None) => err(
@@ -454,20 +491,35 @@ impl Config {
                 (LbPolicy::RingHash, Some(h)) => match (&h.header, &h.cookie) {
                     (Some(name), None) => {
                         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                            err(format!("{p}.hash_on.header"), format!("`{name}` is not a header name"));
+                            err(
+                                format!("{p}.hash_on.header"),
+                                format!("`{name}` is not a header name"),
+                            );
                         }
                     }
                     (None, Some(_)) => {}
-                    _ => err(format!("{p}.hash_on"), "set exactly one of header and cookie".into()),
+                    _ => err(
+                        format!("{p}.hash_on"),
+                        "set exactly one of header and cookie".into(),
+                    ),
                 },
-                (_, Some(_)) => err(format!("{p}.hash_on"), "only used with lb: ring-hash".into()),
+                (_, Some(_)) => err(
+                    format!("{p}.hash_on"),
+                    "only used with lb: ring-hash".into(),
+                ),
                 _ => {}
             }
             if c.connect_timeout.0.is_zero() {
-                err(format!("{p}.connect_timeout"), "must be greater than zero".into());
+                err(
+                    format!("{p}.connect_timeout"),
+                    "must be greater than zero".into(),
+                );
             }
             if c.idle_timeout.0.is_zero() {
-                err(format!("{p}.idle_timeout"), "must be greater than zero".into());
+                err(
+                    format!("{p}.idle_timeout"),
+                    "must be greater than zero".into(),
+                );
             }
             let mut eps = HashSet::new();
             for (j, e) in c.endpoints.iter().enumerate() {
@@ -497,7 +549,9 @@ fn check_host_pattern(h: &str) -> Result<(), String> {
         return Err(format!("`{h}`: use an exact host, `*.suffix` or `*`"));
     }
     if name.contains(':') {
-        return Err(format!("`{h}`: leave the port out, hosts match on any port"));
+        return Err(format!(
+            "`{h}`: leave the port out, hosts match on any port"
+        ));
     }
     if !name
         .bytes()
@@ -573,7 +627,10 @@ clusters:
 
     #[test]
     fn bad_duration_names_the_field() {
-        let bad = GOOD.replace("hash_on: { header: x-user }", "hash_on: { header: x-user }, connect_timeout: 5");
+        let bad = GOOD.replace(
+            "hash_on: { header: x-user }",
+            "hash_on: { header: x-user }, connect_timeout: 5",
+        );
         let s = Config::from_yaml(&bad).unwrap_err().to_string();
         assert!(s.contains("clusters[0].connect_timeout"), "{s}");
     }

@@ -30,7 +30,10 @@ impl MetricsLayer {
 impl<S> tower::Layer<S> for MetricsLayer {
     type Service = Metrics<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Metrics { inner, listener: self.listener.clone() }
+        Metrics {
+            inner,
+            listener: self.listener.clone(),
+        }
     }
 }
 

@@ -33,7 +33,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints(_) | ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints(_) | ProxyError::ListenerGone => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Upstream(e) if e.is_connect() => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ConflictingFraming | ProxyError::MissingHost => StatusCode::BAD_REQUEST,
@@ -91,7 +93,10 @@ pub fn to_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
     if grpc {
         let mut r = Response::new(RespBody::empty());
         let h = r.headers_mut();
-        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         h.insert("grpc-status", HeaderValue::from_static(err.grpc_status()));
         h.insert("grpc-message", reason.clone());
         h.insert(REASON, reason);
@@ -100,7 +105,10 @@ pub fn to_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
     let mut r = Response::new(RespBody::text(format!("{}\n", err)));
     *r.status_mut() = err.status();
     let h = r.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
     h.insert(REASON, reason);
     r
 }
@@ -138,7 +146,10 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let grpc = is_grpc(req.headers());
-        ErrorFuture { inner: self.inner.call(req), grpc }
+        ErrorFuture {
+            inner: self.inner.call(req),
+            grpc,
+        }
     }
 }
 
@@ -190,7 +201,10 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[REASON], "connect-failure");
         assert_eq!(to_response(&ProxyError::NoRoute, false).status(), 404);
-        assert_eq!(to_response(&ProxyError::ConflictingFraming, false).status(), 400);
+        assert_eq!(
+            to_response(&ProxyError::ConflictingFraming, false).status(),
+            400
+        );
     }
 
     #[test]
@@ -199,6 +213,9 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()[REASON], "no-endpoints");
-        assert_eq!(to_response(&ProxyError::NoRoute, true).headers()["grpc-status"], "12");
+        assert_eq!(
+            to_response(&ProxyError::NoRoute, true).headers()["grpc-status"],
+            "12"
+        );
     }
 }

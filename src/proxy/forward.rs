@@ -39,18 +39,34 @@ impl tower::Service<Request<Incoming>> for Forward {
     }
 }
 
-async fn forward(conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Result<Response<RespBody>, Routed> {
-    let downstream = if req.version() == http::Version::HTTP_2 { Proto::Http2 } else { Proto::Http1 };
+async fn forward(
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Result<Response<RespBody>, Routed> {
+    let downstream = if req.version() == http::Version::HTTP_2 {
+        Proto::Http2
+    } else {
+        Proto::Http1
+    };
     let h = req.headers();
     // RFC 9112 §6.3: both framings at once is how requests are smuggled; refuse it.
-    if downstream == Proto::Http1 && h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    if downstream == Proto::Http1
+        && h.contains_key(header::TRANSFER_ENCODING)
+        && h.contains_key(header::CONTENT_LENGTH)
+    {
         return Err(ProxyError::ConflictingFraming.into());
     }
 
     let snap = conn.listener.shared.snapshot.load_full();
-    let routes = snap.listeners.get(&conn.listener.name).ok_or(ProxyError::ListenerGone)?;
+    let routes = snap
+        .listeners
+        .get(&conn.listener.name)
+        .ok_or(ProxyError::ListenerGone)?;
     let host = headers::authority(&req).unwrap_or("");
-    let target = match routes.table.lookup(host, req.method(), req.uri().path(), req.headers()) {
+    let target = match routes
+        .table
+        .lookup(host, req.method(), req.uri().path(), req.headers())
+    {
         Some(id) => {
             let b = routes.table.route(id).pick_backend();
             routes.targets[id as usize].get(b)
@@ -60,20 +76,34 @@ async fn forward(conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Result<Resp
     let Some(target) = target else {
         return Err(ProxyError::NoRoute.into());
     };
-    let mut meta = RouteMeta { stats: Some(target.stats.clone()), upstream: None, error: None };
+    let mut meta = RouteMeta {
+        stats: Some(target.stats.clone()),
+        upstream: None,
+        error: None,
+    };
     let cluster = &target.cluster;
     let Some(endpoint) = cluster.pick(req.headers()) else {
-        return Err(Routed { error: ProxyError::NoEndpoints(cluster.name.clone()), meta: Some(meta) });
+        return Err(Routed {
+            error: ProxyError::NoEndpoints(cluster.name.clone()),
+            meta: Some(meta),
+        });
     };
     let endpoint = endpoint.clone();
     meta.upstream = Some(endpoint.addr);
 
     let upgrade = downstream == Proto::Http1 && headers::wants_upgrade(req.headers());
     // Upgrades are an HTTP/1.1 mechanism: they go upstream over HTTP/1.1.
-    let proto = if upgrade { Proto::Http1 } else { cluster.proto(downstream) };
+    let proto = if upgrade {
+        Proto::Http1
+    } else {
+        cluster.proto(downstream)
+    };
     let authority = match proto {
         Proto::Http2 if req.uri().authority().is_none() => {
-            host_authority(host).ok_or_else(|| Routed { error: ProxyError::MissingHost, meta: None })?
+            host_authority(host).ok_or_else(|| Routed {
+                error: ProxyError::MissingHost,
+                meta: None,
+            })?
         }
         _ => None,
     };
@@ -92,7 +122,12 @@ async fn forward(conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Result<Resp
     let req = req.map(ReqBody::from);
     let mut resp = match endpoint.send(req, proto).await {
         Ok(r) => r,
-        Err(e) => return Err(Routed { error: e.into(), meta: Some(meta) }),
+        Err(e) => {
+            return Err(Routed {
+                error: e.into(),
+                meta: Some(meta),
+            });
+        }
     };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -102,7 +137,11 @@ async fn forward(conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Result<Resp
             tokio::spawn(async move {
                 match tokio::try_join!(down, up) {
                     Ok((d, u)) => {
-                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(d),
+                            &mut TokioIo::new(u),
+                        )
+                        .await;
                     }
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }

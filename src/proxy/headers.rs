@@ -46,9 +46,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
+    let te_trailers = headers.get(header::TE).is_some_and(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
     headers.remove(header::CONNECTION);
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::TE);
@@ -85,7 +87,9 @@ pub fn authority<B>(req: &http::Request<B>) -> Option<&str> {
     if let Some(a) = req.uri().authority() {
         return Some(a.as_str());
     }
-    req.headers().get(header::HOST).and_then(|h| h.to_str().ok())
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
 }
 
 /// Rewrites the URI and `Host` for an HTTP/1.1 upstream: origin-form URI
@@ -100,7 +104,11 @@ pub fn to_http1<B>(req: &mut http::Request<B>) {
         }
     }
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(pq);
     }
 }
@@ -161,7 +169,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -185,7 +196,11 @@ mod tests {
 
     #[test]
     fn keeps_upgrade_when_asked() {
-        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
         assert!(wants_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
@@ -195,7 +210,10 @@ mod tests {
 
     #[test]
     fn uri_rewrites() {
-        let mut r = http::Request::builder().uri("http://a.b:8080/x?q=1").body(()).unwrap();
+        let mut r = http::Request::builder()
+            .uri("http://a.b:8080/x?q=1")
+            .body(())
+            .unwrap();
         to_http1(&mut r);
         assert_eq!(r.uri(), "/x?q=1");
         assert_eq!(r.headers()["host"], "a.b:8080");

@@ -42,7 +42,10 @@ impl std::fmt::Debug for RouteStats {
 
 impl RouteMeta {
     pub fn failed(reason: &'static str) -> Self {
-        RouteMeta { error: Some(reason), ..Default::default() }
+        RouteMeta {
+            error: Some(reason),
+            ..Default::default()
+        }
     }
 }
 
@@ -128,7 +131,11 @@ impl Proxy {
 
     /// Addresses the listeners are bound to (port 0 resolved).
     pub fn bound(&self) -> HashMap<String, SocketAddr> {
-        self.listeners.lock().iter().map(|(n, r)| (n.clone(), r.info.address)).collect()
+        self.listeners
+            .lock()
+            .iter()
+            .map(|(n, r)| (n.clone(), r.info.address))
+            .collect()
     }
 
     /// Applies a validated config: compiles it, binds new listeners, swaps
@@ -154,7 +161,11 @@ impl Proxy {
                         new.push((index, l.clone(), None));
                     }
                     _ => {
-                        let std = bind(l.address).map_err(|source| ApplyError::Bind { index, address: l.address, source })?;
+                        let std = bind(l.address).map_err(|source| ApplyError::Bind {
+                            index,
+                            address: l.address,
+                            source,
+                        })?;
                         new.push((index, l.clone(), Some(std)));
                     }
                 }
@@ -169,7 +180,11 @@ impl Proxy {
         for (index, l, sock) in new {
             let sock = match sock {
                 Some(s) => s,
-                None => bind(l.address).map_err(|source| ApplyError::Bind { index, address: l.address, source })?,
+                None => bind(l.address).map_err(|source| ApplyError::Bind {
+                    index,
+                    address: l.address,
+                    source,
+                })?,
             };
             bound.push((l, sock));
         }
@@ -200,9 +215,18 @@ impl Proxy {
                     tracing::info!(listener = %l.name, role = l.role.as_str(), %address, "listening");
                     tokio::spawn(accept_loop(tl, info.clone(), server_builder(&l), stop_rx));
                 }
-                Err(e) => tracing::error!(listener = %l.name, error = %e, "cannot register listener"),
+                Err(e) => {
+                    tracing::error!(listener = %l.name, error = %e, "cannot register listener")
+                }
             }
-            if let Some(old) = running.insert(l.name.clone(), Running { config: l, info, stop }) {
+            if let Some(old) = running.insert(
+                l.name.clone(),
+                Running {
+                    config: l,
+                    info,
+                    stop,
+                },
+            ) {
                 let _ = old.stop.send(true);
             }
         }
@@ -311,21 +335,35 @@ impl Drop for ConnGuard {
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, info: Arc<ListenerInfo>, builder: Arc<auto::Builder<TokioExecutor>>) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    info: Arc<ListenerInfo>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
     let shared = info.shared.clone();
     shared.active.fetch_add(1, SeqCst);
     let m = metrics();
     let gauge = m.connections.with_label_values(&[&info.name]);
     gauge.inc();
     m.connections_total.with_label_values(&[&info.name]).inc();
-    let _guard = ConnGuard { shared: shared.clone(), gauge };
+    let _guard = ConnGuard {
+        shared: shared.clone(),
+        gauge,
+    };
     let _ = stream.set_nodelay(true);
 
     let stack = tower::ServiceBuilder::new()
         .layer(MetricsLayer::new(info.clone()))
         .layer(ErrorLayer)
-        .service(Forward { conn: Arc::new(ConnInfo { listener: info.clone(), peer }) });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(stack));
+        .service(Forward {
+            conn: Arc::new(ConnInfo {
+                listener: info.clone(),
+                peer,
+            }),
+        });
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(stack));
     tokio::pin!(conn);
     let mut drain = shared.drain_tx.subscribe();
     let result = tokio::select! {
@@ -338,7 +376,9 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, info: Arc<Listene
     if let Err(e) = result {
         let reason = classify(e.as_ref());
         if let Some(reason) = reason {
-            m.bad_requests.with_label_values(&[&info.name, reason]).inc();
+            m.bad_requests
+                .with_label_values(&[&info.name, reason])
+                .inc();
             tracing::debug!(listener = %info.name, %peer, reason, error = %e, "bad request");
         } else {
             tracing::debug!(listener = %info.name, %peer, error = %e, "connection ended with error");

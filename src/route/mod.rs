@@ -30,7 +30,10 @@ enum HeaderCond {
 impl HeaderCond {
     fn holds(&self, headers: &HeaderMap) -> bool {
         match self {
-            HeaderCond::Exact(n, v) => headers.get_all(n).iter().any(|h| h.as_bytes() == v.as_slice()),
+            HeaderCond::Exact(n, v) => headers
+                .get_all(n)
+                .iter()
+                .any(|h| h.as_bytes() == v.as_slice()),
             HeaderCond::Regex(n, re) => headers
                 .get_all(n)
                 .iter()
@@ -63,7 +66,13 @@ struct HostGroup {
 }
 
 impl HostGroup {
-    fn lookup(&self, conds: &[Conditions], method: &Method, path: &str, headers: &HeaderMap) -> Option<RouteId> {
+    fn lookup(
+        &self,
+        conds: &[Conditions],
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<RouteId> {
         let mut best: Option<RouteId> = None;
         let mut consider = |ids: &[RouteId]| {
             for &id in ids {
@@ -101,7 +110,10 @@ impl RouteInfo {
             return 0;
         }
         let r = fastrand::u64(..self.total_weight);
-        self.backends.iter().position(|(_, cum)| r < *cum).unwrap_or(0)
+        self.backends
+            .iter()
+            .position(|(_, cum)| r < *cum)
+            .unwrap_or(0)
     }
 }
 
@@ -125,7 +137,9 @@ pub struct CompileError {
 
 impl RouteTable {
     /// Compiles the given routes (already filtered to one listener) in order.
-    pub fn compile<'a>(routes: impl IntoIterator<Item = &'a config::Route>) -> Result<Self, CompileError> {
+    pub fn compile<'a>(
+        routes: impl IntoIterator<Item = &'a config::Route>,
+    ) -> Result<Self, CompileError> {
         let mut t = RouteTable::default();
         for (i, r) in routes.into_iter().enumerate() {
             let id = i as RouteId;
@@ -134,18 +148,27 @@ impl RouteTable {
             let group = match m.host.as_deref() {
                 None | Some("*") => &mut t.any_host,
                 Some(h) => match h.strip_prefix('*') {
-                    Some(suffix) => t.wildcard_hosts.entry(suffix.to_ascii_lowercase().into()).or_default(),
-                    None => t.exact_hosts.entry(h.to_ascii_lowercase().into()).or_default(),
+                    Some(suffix) => t
+                        .wildcard_hosts
+                        .entry(suffix.to_ascii_lowercase().into())
+                        .or_default(),
+                    None => t
+                        .exact_hosts
+                        .entry(h.to_ascii_lowercase().into())
+                        .or_default(),
                 },
             };
             let mut path_regex = None;
             if let Some(p) = &m.path {
                 group.exact.entry(p.as_str().into()).or_default().push(id);
             } else if let Some(re) = &m.path_regex {
-                path_regex = Some(Regex::new(&format!("^(?:{re})$")).map_err(|e| err(e.to_string()))?);
+                path_regex =
+                    Some(Regex::new(&format!("^(?:{re})$")).map_err(|e| err(e.to_string()))?);
                 group.regexes.push(id);
             } else {
-                group.prefixes.insert(m.path_prefix.as_deref().unwrap_or("").as_bytes(), id);
+                group
+                    .prefixes
+                    .insert(m.path_prefix.as_deref().unwrap_or("").as_bytes(), id);
             }
             let headers = m
                 .headers
@@ -157,7 +180,11 @@ impl RouteTable {
                 .iter()
                 .map(|s| Method::from_bytes(s.as_bytes()).map_err(|e| err(e.to_string())))
                 .collect::<Result<Vec<_>, _>>()?;
-            t.conditions.push(Conditions { methods, headers, path_regex });
+            t.conditions.push(Conditions {
+                methods,
+                headers,
+                path_regex,
+            });
             let mut cum = 0u64;
             let backends = r
                 .backends
@@ -167,13 +194,23 @@ impl RouteTable {
                     (b.cluster.clone(), cum)
                 })
                 .collect();
-            t.routes.push(RouteInfo { name: r.name.clone(), backends, total_weight: cum.max(1) });
+            t.routes.push(RouteInfo {
+                name: r.name.clone(),
+                backends,
+                total_weight: cum.max(1),
+            });
         }
         Ok(t)
     }
 
     /// Finds the route for a request. `host` may carry a port and any case.
-    pub fn lookup(&self, host: &str, method: &Method, path: &str, headers: &HeaderMap) -> Option<RouteId> {
+    pub fn lookup(
+        &self,
+        host: &str,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<RouteId> {
         let host = strip_port(host);
         // Host names are case-insensitive; lowercase only when needed (rare).
         let lowered;
@@ -213,7 +250,10 @@ fn compile_header(h: &HeaderMatch) -> Result<HeaderCond, String> {
     let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?;
     Ok(match (&h.exact, &h.regex, h.present) {
         (Some(v), _, _) => HeaderCond::Exact(name, v.as_bytes().to_vec()),
-        (_, Some(re), _) => HeaderCond::Regex(name, Regex::new(&format!("^(?:{re})$")).map_err(|e| e.to_string())?),
+        (_, Some(re), _) => HeaderCond::Regex(
+            name,
+            Regex::new(&format!("^(?:{re})$")).map_err(|e| e.to_string())?,
+        ),
         (_, _, Some(p)) => HeaderCond::Present(name, p),
         _ => HeaderCond::Present(name, true),
     })
@@ -236,20 +276,29 @@ mod tests {
     use crate::config::Config;
 
     fn table(yaml_routes: &str) -> RouteTable {
-        let doc = format!(
-            "routes:\n{yaml_routes}\nclusters:\n  - {{ name: a }}\n  - {{ name: b }}\n"
-        );
+        let doc =
+            format!("routes:\n{yaml_routes}\nclusters:\n  - {{ name: a }}\n  - {{ name: b }}\n");
         let c = Config::from_yaml(&doc).unwrap();
         RouteTable::compile(&c.routes).unwrap()
     }
 
-    fn find(t: &RouteTable, host: &str, method: &str, path: &str, hdrs: &[(&str, &str)]) -> Option<String> {
+    fn find(
+        t: &RouteTable,
+        host: &str,
+        method: &str,
+        path: &str,
+        hdrs: &[(&str, &str)],
+    ) -> Option<String> {
         let mut h = HeaderMap::new();
         for (k, v) in hdrs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         let m = Method::from_bytes(method.as_bytes()).unwrap();
-        t.lookup(host, &m, path, &h).map(|id| t.route(id).name.clone())
+        t.lookup(host, &m, path, &h)
+            .map(|id| t.route(id).name.clone())
     }
 
     #[test]
@@ -262,12 +311,27 @@ mod tests {
   - { name: exact, match: { host: www.example.com, path: /only }, backends: [ { cluster: b } ] }
 "#,
         );
-        assert_eq!(find(&t, "www.example.com:8080", "GET", "/only", &[]).as_deref(), Some("exact"));
+        assert_eq!(
+            find(&t, "www.example.com:8080", "GET", "/only", &[]).as_deref(),
+            Some("exact")
+        );
         // exact host has no match for this path → falls through to the wildcard
-        assert_eq!(find(&t, "WWW.Example.com", "GET", "/other", &[]).as_deref(), Some("wild"));
-        assert_eq!(find(&t, "v1.api.example.com", "GET", "/", &[]).as_deref(), Some("deep"));
-        assert_eq!(find(&t, "example.com", "GET", "/", &[]).as_deref(), Some("any"));
-        assert_eq!(find(&t, "other.org", "GET", "/", &[]).as_deref(), Some("any"));
+        assert_eq!(
+            find(&t, "WWW.Example.com", "GET", "/other", &[]).as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            find(&t, "v1.api.example.com", "GET", "/", &[]).as_deref(),
+            Some("deep")
+        );
+        assert_eq!(
+            find(&t, "example.com", "GET", "/", &[]).as_deref(),
+            Some("any")
+        );
+        assert_eq!(
+            find(&t, "other.org", "GET", "/", &[]).as_deref(),
+            Some("any")
+        );
     }
 
     #[test]
@@ -280,11 +344,20 @@ mod tests {
   - { name: prefix-api-v2, match: { path_prefix: /api/v2 }, backends: [ { cluster: a } ] }
 "#,
         );
-        assert_eq!(find(&t, "h", "GET", "/users/42", &[]).as_deref(), Some("re"));
+        assert_eq!(
+            find(&t, "h", "GET", "/users/42", &[]).as_deref(),
+            Some("re")
+        );
         assert_eq!(find(&t, "h", "GET", "/users/x", &[]), None);
         // /api comes before /api/health and /api/v2 in config order
-        assert_eq!(find(&t, "h", "GET", "/api/health", &[]).as_deref(), Some("prefix-api"));
-        assert_eq!(find(&t, "h", "GET", "/api/v2/x", &[]).as_deref(), Some("prefix-api"));
+        assert_eq!(
+            find(&t, "h", "GET", "/api/health", &[]).as_deref(),
+            Some("prefix-api")
+        );
+        assert_eq!(
+            find(&t, "h", "GET", "/api/v2/x", &[]).as_deref(),
+            Some("prefix-api")
+        );
         assert_eq!(find(&t, "h", "GET", "/nothing", &[]), None);
     }
 
@@ -299,18 +372,35 @@ mod tests {
   - { name: rest, backends: [ { cluster: a } ] }
 "#,
         );
-        assert_eq!(find(&t, "h", "GET", "/", &[("x-canary", "1")]).as_deref(), Some("canary"));
-        assert_eq!(find(&t, "h", "GET", "/", &[("x-canary", "2")]).as_deref(), Some("rest"));
-        assert_eq!(find(&t, "h", "GET", "/", &[("x-user", "admin-7")]).as_deref(), Some("re"));
-        assert_eq!(find(&t, "h", "GET", "/", &[("x-user", "xadmin-7")]).as_deref(), Some("rest"));
+        assert_eq!(
+            find(&t, "h", "GET", "/", &[("x-canary", "1")]).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            find(&t, "h", "GET", "/", &[("x-canary", "2")]).as_deref(),
+            Some("rest")
+        );
+        assert_eq!(
+            find(&t, "h", "GET", "/", &[("x-user", "admin-7")]).as_deref(),
+            Some("re")
+        );
+        assert_eq!(
+            find(&t, "h", "GET", "/", &[("x-user", "xadmin-7")]).as_deref(),
+            Some("rest")
+        );
         assert_eq!(find(&t, "h", "GET", "/d", &[]).as_deref(), Some("nodebug"));
-        assert_eq!(find(&t, "h", "GET", "/d", &[("x-debug", "")]).as_deref(), Some("rest"));
+        assert_eq!(
+            find(&t, "h", "GET", "/d", &[("x-debug", "")]).as_deref(),
+            Some("rest")
+        );
         assert_eq!(find(&t, "h", "PUT", "/", &[]).as_deref(), Some("post"));
     }
 
     #[test]
     fn weights_pick_in_proportion() {
-        let t = table("  - { name: w, backends: [ { cluster: a, weight: 90 }, { cluster: b, weight: 10 } ] }");
+        let t = table(
+            "  - { name: w, backends: [ { cluster: a, weight: 90 }, { cluster: b, weight: 10 } ] }",
+        );
         let r = t.route(0);
         let n = 20_000;
         let b = (0..n).filter(|_| r.pick_backend() == 1).count();
@@ -328,7 +418,10 @@ mod tests {
             ));
         }
         let t = table(&s);
-        assert_eq!(find(&t, "svc4321.ns.svc", "GET", "/v2/x", &[]).as_deref(), Some("r4321"));
+        assert_eq!(
+            find(&t, "svc4321.ns.svc", "GET", "/v2/x", &[]).as_deref(),
+            Some("r4321")
+        );
         assert_eq!(find(&t, "svc4321.ns.svc", "GET", "/v5/x", &[]), None);
     }
 

@@ -17,7 +17,9 @@ pub struct Trie {
 
 impl Default for Trie {
     fn default() -> Self {
-        Trie { nodes: vec![Node::default()] }
+        Trie {
+            nodes: vec![Node::default()],
+        }
     }
 }
 
@@ -48,7 +50,9 @@ impl Trie {
             if !node.routes.is_empty() {
                 f(&node.routes);
             }
-            let Some((&b, rest)) = path.split_first() else { return };
+            let Some((&b, rest)) = path.split_first() else {
+                return;
+            };
             match node.children.binary_search_by_key(&b, |c| c.0) {
                 Ok(i) => at = node.children[i].1 as usize,
                 Err(_) => return,

@@ -32,7 +32,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new();
     let requests = IntCounterVec::new(
-        Opts::new("outrigger_requests_total", "Requests answered, by route, cluster and status code."),
+        Opts::new(
+            "outrigger_requests_total",
+            "Requests answered, by route, cluster and status code.",
+        ),
         &["listener", "route", "cluster", "code"],
     )?;
     let duration = HistogramVec::new(
@@ -48,7 +51,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         &["listener"],
     )?;
     let connections_total = IntCounterVec::new(
-        Opts::new("outrigger_connections_total", "Downstream connections accepted."),
+        Opts::new(
+            "outrigger_connections_total",
+            "Downstream connections accepted.",
+        ),
         &["listener"],
     )?;
     let bad_requests = IntCounterVec::new(
@@ -63,7 +69,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Version of the config snapshot in force.",
     )?;
     let feed_updates = IntCounterVec::new(
-        Opts::new("outrigger_feed_updates_total", "Config updates seen, by result (ack, nack)."),
+        Opts::new(
+            "outrigger_feed_updates_total",
+            "Config updates seen, by result (ack, nack).",
+        ),
         &["result"],
     )?;
     let upstream_connect_failures = IntCounterVec::new(
@@ -82,10 +91,12 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(feed_updates.clone()))?;
     registry.register(Box::new(upstream_connect_failures.clone()))?;
     #[cfg(target_os = "linux")]
-    registry.register(Box::new(prometheus::process_collector::ProcessCollector::new(
-        std::process::id() as i32,
-        "outrigger",
-    )))?;
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::new(
+            std::process::id() as i32,
+            "outrigger",
+        ),
+    ))?;
     Ok(Metrics {
         registry,
         requests,
@@ -160,9 +171,12 @@ impl RouteStats {
         }
         let buf = itoa_buf(status);
         let code = std::str::from_utf8(&buf).unwrap_or("000");
-        let c = metrics()
-            .requests
-            .with_label_values(&[&self.listener, &self.route, &self.cluster, code]);
+        let c = metrics().requests.with_label_values(&[
+            &self.listener,
+            &self.route,
+            &self.cluster,
+            code,
+        ]);
         c.inc();
         codes.push((status, c));
     }
@@ -170,7 +184,11 @@ impl RouteStats {
 
 fn itoa_buf(status: u16) -> [u8; 3] {
     let s = status.min(999);
-    [b'0' + (s / 100) as u8, b'0' + (s / 10 % 10) as u8, b'0' + (s % 10) as u8]
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
 }
 
 /// Installs the JSON log subscriber. `RUST_LOG` wins over `level`.

@@ -1,0 +1,229 @@
+//! HTTP/1.1 and HTTP/2 through the proxy, both ways, with streaming
+//! bodies, trailers, upgrades and header handling.
+
+mod support;
+
+use bytes::Bytes;
+use support::*;
+
+fn config(cluster_protocol: &str, upstream: &Upstream) -> String {
+    format!(
+        r#"
+listeners:
+  - {{ name: out, role: outbound, address: 127.0.0.1:0 }}
+  - {{ name: gw, role: gateway, address: 127.0.0.1:0 }}
+routes:
+  - {{ name: all, backends: [ {{ cluster: app }} ] }}
+clusters:
+  - {{ name: app, protocol: {cluster_protocol}, endpoints: [ {{ address: {} }} ] }}
+"#,
+        upstream.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_pass_in_every_combination() {
+    let up = Upstream::start("app").await;
+    for (cluster, down_h2, want_up) in [
+        ("http1", false, http::Version::HTTP_11),
+        ("http1", true, http::Version::HTTP_11),
+        ("http2", false, http::Version::HTTP_2),
+        ("http2", true, http::Version::HTTP_2),
+        ("auto", false, http::Version::HTTP_11),
+        ("auto", true, http::Version::HTTP_2),
+    ] {
+        let p = ProxyProc::start(&config(cluster, &up));
+        let c = if down_h2 {
+            TestClient::h2(p.addr("out"))
+        } else {
+            TestClient::h1(p.addr("out"))
+        };
+        for _ in 0..3 {
+            let r = get(&c, "app.svc", "/hello?x=1").await;
+            assert_eq!(r.status, 200, "{cluster} h2={down_h2}");
+            assert_eq!(r.text(), "app");
+            let seen = up.last();
+            assert_eq!(seen.version, want_up, "{cluster} h2={down_h2}");
+            assert_eq!(seen.path, "/hello");
+            let host = seen
+                .headers
+                .get("host")
+                .map(|h| h.to_str().unwrap().to_string());
+            // HTTP/1 upstreams need a Host header even when the client spoke HTTP/2.
+            if want_up == http::Version::HTTP_11 {
+                assert_eq!(host.as_deref(), Some("app.svc"));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_intact() {
+    let up = Upstream::start("app").await;
+    let p = ProxyProc::start(&config("auto", &up));
+    let body: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for c in [TestClient::h1(p.addr("out")), TestClient::h2(p.addr("out"))] {
+        let r = send(&c, "POST", "app.svc", "/echo", &[], body.clone()).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), body.len());
+        assert!(r.body == body, "echoed body differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_pass_through_http2() {
+    let up = Upstream::start("app").await;
+    let p = ProxyProc::start(&config("http2", &up));
+    let c = TestClient::h2(p.addr("out"));
+    let r = get(&c, "app.svc", "/trailers").await;
+    assert_eq!(r.text(), "with trailers");
+    let t = r.trailers.expect("trailers lost");
+    assert_eq!(t["x-trailer"], "yes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_proxy() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let up = Upstream::start("app").await;
+    let p = ProxyProc::start(&config("auto", &up));
+    let url = format!("ws://{}/ws", p.addr("out"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        let m = ws.next().await.unwrap().unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("ping {i}"));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        &[0u8, 1, 2, 255]
+    );
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_stripped_and_request_id_added() {
+    let up = Upstream::start("app").await;
+    let p = ProxyProc::start(&config("http1", &up));
+    let c = TestClient::h1(p.addr("out"));
+    let r = send(
+        &c,
+        "GET",
+        "app.svc",
+        "/",
+        &[
+            ("connection", "x-private"),
+            ("x-private", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-end", "kept"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let h = up.last().headers;
+    assert!(h.get("x-private").is_none(), "{h:?}");
+    assert!(h.get("keep-alive").is_none(), "{h:?}");
+    assert_eq!(h["x-end"], "kept");
+    assert_eq!(h["te"], "trailers");
+    assert_eq!(h["x-request-id"].len(), 32);
+    assert!(
+        h.get("x-forwarded-for").is_none(),
+        "outbound listeners do not add x-forwarded-for"
+    );
+
+    // a request id the client sent is kept
+    send(
+        &c,
+        "GET",
+        "app.svc",
+        "/",
+        &[("x-request-id", "abc")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(up.last().headers["x-request-id"], "abc");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_adds_forwarded_headers() {
+    let up = Upstream::start("app").await;
+    let p = ProxyProc::start(&config("http1", &up));
+    let c = TestClient::h1(p.addr("gw"));
+    send(
+        &c,
+        "GET",
+        "shop.example.com",
+        "/",
+        &[("x-forwarded-for", "203.0.113.9")],
+        Bytes::new(),
+    )
+    .await;
+    let h = up.last().headers;
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upstream_gets_503_with_reason_not_a_hang() {
+    // Bind then drop a listener: nothing listens on that port any more.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = format!(
+        r#"
+listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]
+routes: [ {{ name: all, backends: [ {{ cluster: dead }} ] }} ]
+clusters: [ {{ name: dead, endpoints: [ {{ address: {dead} }} ] }}, {{ name: empty }} ]
+"#
+    );
+    let p = ProxyProc::start(&yaml);
+    for c in [TestClient::h1(p.addr("out")), TestClient::h2(p.addr("out"))] {
+        let r = get(&c, "x", "/").await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-outrigger-reason"), Some("connect-failure"));
+    }
+    assert!(
+        p.metric(
+            "outrigger_upstream_connect_failures_total",
+            &["cluster=\"dead\""]
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert_eq!(
+        p.metric(
+            "outrigger_requests_total",
+            &["code=\"503\"", "route=\"all\""]
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_forwards_to_the_local_app() {
+    let app = Upstream::start("local-app").await;
+    let yaml = format!(
+        "listeners: [ {{ name: in, role: inbound, address: 127.0.0.1:0, forward_to: {} }} ]\n",
+        app.addr
+    );
+    let p = ProxyProc::start(&yaml);
+    let c = TestClient::h1(p.addr("in"));
+    let r = get(&c, "whatever", "/x").await;
+    assert_eq!(r.text(), "local-app");
+    assert_eq!(
+        p.metric(
+            "outrigger_requests_total",
+            &["listener=\"in\"", "code=\"200\""]
+        ),
+        Some(1.0)
+    );
+}

@@ -1,0 +1,209 @@
+//! A real upstream HTTP server (HTTP/1.1 and HTTP/2 cleartext) that
+//! records what it receives.
+//!
+//! Paths: `/echo` streams the request body back; `/sink` reads the body and
+//! answers its length; `/trailers` answers with trailers; `/ws` is a
+//! WebSocket echo; `/status/NNN` answers NNN; `/slow` waits `delay` first;
+//! anything else answers the server's name.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+}
+
+#[derive(Clone, Default)]
+pub struct UpstreamOpts {
+    pub delay: Option<Duration>,
+    /// Answer every request with this status.
+    pub status: Option<u16>,
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub hits: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        Self::with(name, UpstreamOpts::default()).await
+    }
+
+    pub async fn with(name: &str, opts: UpstreamOpts) -> Upstream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(l, name, opts)
+    }
+
+    pub fn on(l: TcpListener, name: &str, opts: UpstreamOpts) -> Upstream {
+        let u = Upstream {
+            addr: l.local_addr().unwrap(),
+            name: name.to_string(),
+            hits: Arc::default(),
+            seen: Arc::default(),
+            stop: Arc::default(),
+        };
+        let u2 = u.clone();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = u2.stop.notified() => return,
+                    r = l.accept() => match r { Ok(s) => s, Err(_) => continue },
+                };
+                let u3 = u2.clone();
+                let opts = opts.clone();
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let u = u3.clone();
+                        let opts = opts.clone();
+                        async move { Ok::<_, Infallible>(u.handle(req, &opts).await) }
+                    });
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        u
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("no request seen")
+    }
+
+    /// Stops accepting (open connections stay).
+    pub fn stop(&self) {
+        self.stop.notify_one();
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, opts: &UpstreamOpts) -> Response<Body> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        self.seen.lock().unwrap().push(Seen {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        });
+        if let Some(d) = opts.delay {
+            tokio::time::sleep(d).await;
+        }
+        let path = req.uri().path().to_string();
+        let mut resp = if let Some(code) = opts.status {
+            let mut r = Response::new(full(format!("{} says {code}", self.name)));
+            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            r
+        } else if path == "/echo" {
+            Response::new(req.into_body().boxed())
+        } else if path == "/sink" {
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes().len())
+                .unwrap_or(0);
+            Response::new(full(n.to_string()))
+        } else if path == "/trailers" {
+            let frames = vec![
+                Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"with trailers"))),
+                Ok(Frame::trailers({
+                    let mut t = HeaderMap::new();
+                    t.insert("x-trailer", "yes".parse().unwrap());
+                    t
+                })),
+            ];
+            Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                frames,
+            ))))
+        } else if let Some(code) = path.strip_prefix("/status/") {
+            let mut r = Response::new(full(format!("{} says {code}", self.name)));
+            *r.status_mut() = http::StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+            r
+        } else if path == "/ws" {
+            return websocket(&mut req);
+        } else {
+            Response::new(full(self.name.clone()))
+        };
+        resp.headers_mut()
+            .insert("x-upstream", self.name.parse().unwrap());
+        resp
+    }
+}
+
+fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| derive_accept_key(k.as_bytes()));
+    let Some(accept) = key else {
+        let mut r = Response::new(full("not a websocket request"));
+        *r.status_mut() = http::StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if msg.is_text() || msg.is_binary() {
+                if ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(full(Bytes::new()))
+        .unwrap()
+}
