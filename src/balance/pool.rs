@@ -113,8 +113,8 @@ impl Endpoint {
             cluster: cluster.into(),
             settings,
             in_flight: AtomicU32::new(0),
-            // A new endpoint starts as "fast" so that it receives traffic and gets measured.
-            ewma: PeakEwma::new(Duration::from_millis(1)),
+            // Unmeasured endpoints look free, so each is tried (and measured) at once.
+            ewma: PeakEwma::new(Duration::ZERO),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
@@ -149,21 +149,17 @@ impl Endpoint {
         self.in_flight.fetch_add(1, Relaxed);
         self.requests.fetch_add(1, Relaxed);
         let guard = InFlight(self.clone());
-        let start = Instant::now();
         let result = match proto {
             Proto::Http1 => self.send_h1(req).await,
             Proto::Http2 => self.send_h2(req).await.map(|r| r.map(|b| (b, None))),
         };
         match result {
-            Ok(resp) => {
-                self.ewma.observe(start.elapsed());
-                Ok(resp.map(|(body, sender)| PooledBody {
-                    inner: body,
-                    sender,
-                    done: false,
-                    _in_flight: guard,
-                }))
-            }
+            Ok(resp) => Ok(resp.map(|(body, sender)| PooledBody {
+                inner: body,
+                sender,
+                done: false,
+                _in_flight: guard,
+            })),
             Err(e) => {
                 self.failures.fetch_add(1, Relaxed);
                 // A failure counts as slow, so p2c steers away from it.
@@ -194,8 +190,11 @@ impl Endpoint {
                 }
                 continue;
             }
+            // Latency is measured from the write, so connection set-up does not count against the endpoint.
+            let start = Instant::now();
             match sender.try_send_request(req).await {
                 Ok(resp) => {
+                    self.ewma.observe(start.elapsed());
                     let ret = PoolReturn {
                         sender,
                         endpoint: self.clone(),
@@ -235,13 +234,16 @@ impl Endpoint {
                 addr: self.addr,
                 source,
             })?;
-        sender
+        let start = Instant::now();
+        let resp = sender
             .send_request(req)
             .await
             .map_err(|source| UpstreamError::Request {
                 addr: self.addr,
                 source,
-            })
+            })?;
+        self.ewma.observe(start.elapsed());
+        Ok(resp)
     }
 
     fn checkout(&self) -> Option<http1::SendRequest<ReqBody>> {
