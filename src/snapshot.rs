@@ -58,7 +58,7 @@ impl Snapshot {
                 .routes
                 .iter()
                 .filter(|r| match &r.listeners {
-                    Some(ls) => ls.iter().any(|n| *n == l.name),
+                    Some(ls) => ls.contains(&l.name),
                     None => l.role != Role::Inbound,
                 })
                 .collect();

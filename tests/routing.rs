@@ -3,6 +3,15 @@
 
 mod support;
 
+/// method, host, path, headers, expected upstream (None → 404)
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    Option<&'a str>,
+);
+
 use bytes::Bytes;
 use std::collections::HashMap;
 use support::*;
@@ -45,7 +54,7 @@ clusters:
     );
     let p = ProxyProc::start(&yaml);
     for c in [TestClient::h1(p.addr("out")), TestClient::h2(p.addr("out"))] {
-        let cases: &[(&str, &str, &str, &[(&str, &str)], Option<&str>)] = &[
+        let cases: &[Case] = &[
             ("GET", "api.svc", "/v1/ping", &[], Some("exact")),
             ("GET", "api.svc:8080", "/v1/ping", &[], Some("exact")),
             ("GET", "API.SVC", "/v1/other", &[], Some("prefix")),

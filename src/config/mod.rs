@@ -400,27 +400,27 @@ impl Config {
                 );
             }
             for (field, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
-                if let Some(v) = v {
-                    if !v.starts_with('/') {
-                        err(
-                            format!("{p}.match.{field}"),
-                            format!("`{v}` must start with `/`"),
-                        );
-                    }
-                }
-            }
-            if let Some(re) = &m.path_regex {
-                if let Err(e) = regex::Regex::new(re) {
+                if let Some(v) = v
+                    && !v.starts_with('/')
+                {
                     err(
-                        format!("{p}.match.path_regex"),
-                        format!("invalid regex: {e}"),
+                        format!("{p}.match.{field}"),
+                        format!("`{v}` must start with `/`"),
                     );
                 }
             }
-            if let Some(h) = &m.host {
-                if let Err(e) = check_host_pattern(h) {
-                    err(format!("{p}.match.host"), e);
-                }
+            if let Some(re) = &m.path_regex
+                && let Err(e) = regex::Regex::new(re)
+            {
+                err(
+                    format!("{p}.match.path_regex"),
+                    format!("invalid regex: {e}"),
+                );
+            }
+            if let Some(h) = &m.host
+                && let Err(e) = check_host_pattern(h)
+            {
+                err(format!("{p}.match.host"), e);
             }
             for (j, h) in m.headers.iter().enumerate() {
                 let hp = format!("{p}.match.headers[{j}]");
@@ -440,10 +440,10 @@ impl Config {
                         "set exactly one of exact, regex and present".into(),
                     );
                 }
-                if let Some(re) = &h.regex {
-                    if let Err(e) = regex::Regex::new(re) {
-                        err(format!("{hp}.regex"), format!("invalid regex: {e}"));
-                    }
+                if let Some(re) = &h.regex
+                    && let Err(e) = regex::Regex::new(re)
+                {
+                    err(format!("{hp}.regex"), format!("invalid regex: {e}"));
                 }
             }
             for (j, meth) in m.methods.iter().enumerate() {

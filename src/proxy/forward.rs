@@ -10,6 +10,7 @@ use super::{ConnInfo, RouteMeta};
 use crate::balance::Proto;
 use crate::body::{ReqBody, RespBody};
 use crate::config::Role;
+use crate::telemetry::metrics;
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 /// The innermost service of a downstream connection.
@@ -51,9 +53,14 @@ async fn forward(
     let h = req.headers();
     // RFC 9112 §6.3: both framings at once is how requests are smuggled; refuse it.
     if downstream == Proto::Http1
-        && h.contains_key(header::TRANSFER_ENCODING)
-        && h.contains_key(header::CONTENT_LENGTH)
+        && (conn.framing_conflict.load(Relaxed)
+            || (h.contains_key(header::TRANSFER_ENCODING)
+                && h.contains_key(header::CONTENT_LENGTH)))
     {
+        metrics()
+            .bad_requests
+            .with_label_values(&[&conn.listener.name, "conflicting-framing"])
+            .inc();
         return Err(ProxyError::ConflictingFraming.into());
     }
 

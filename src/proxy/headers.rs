@@ -96,12 +96,11 @@ pub fn authority<B>(req: &http::Request<B>) -> Option<&str> {
 /// and a `Host` header (an HTTP/2 request has only `:authority`).
 pub fn to_http1<B>(req: &mut http::Request<B>) {
     *req.version_mut() = http::Version::HTTP_11;
-    if let Some(a) = req.uri().authority().cloned() {
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
+    if let Some(a) = req.uri().authority().cloned()
+        && !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
     }
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         let pq = req

@@ -4,6 +4,7 @@
 
 pub mod error;
 mod forward;
+mod framing;
 pub mod headers;
 
 use crate::config::{Config, Listener, Role};
@@ -65,11 +66,14 @@ pub struct ListenerInfo {
     pub shared: Arc<Shared>,
     pub access_log: AtomicBool,
     pub unmatched: Arc<RouteStats>,
+    pub max_header_bytes: usize,
 }
 
 pub struct ConnInfo {
     pub listener: Arc<ListenerInfo>,
     pub peer: SocketAddr,
+    /// Set when the first HTTP/1 head carried both Content-Length and Transfer-Encoding.
+    pub framing_conflict: Arc<AtomicBool>,
 }
 
 struct Running {
@@ -208,7 +212,12 @@ impl Proxy {
                 shared: self.shared.clone(),
                 access_log: AtomicBool::new(l.access_log),
                 unmatched: RouteStats::new(&l.name, "", ""),
+                max_header_bytes: l.max_header_bytes,
             });
+            // Export the listener's series at 0 from the start, not from its first connection.
+            let m = metrics();
+            m.connections.with_label_values(&[&l.name]);
+            m.connections_total.with_label_values(&[&l.name]);
             let (stop, stop_rx) = watch::channel(false);
             match TcpListener::from_std(sock) {
                 Ok(tl) => {
@@ -352,6 +361,8 @@ async fn serve_connection(
         gauge,
     };
     let _ = stream.set_nodelay(true);
+    let stream = framing::FramingWatch::new(stream, info.max_header_bytes);
+    let framing_conflict = stream.conflict.clone();
 
     let stack = tower::ServiceBuilder::new()
         .layer(MetricsLayer::new(info.clone()))
@@ -360,6 +371,7 @@ async fn serve_connection(
             conn: Arc::new(ConnInfo {
                 listener: info.clone(),
                 peer,
+                framing_conflict,
             }),
         });
     let conn = builder

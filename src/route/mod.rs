@@ -221,20 +221,19 @@ impl RouteTable {
             host
         };
         let conds = &self.conditions;
-        if let Some(g) = self.exact_hosts.get(host) {
-            if let Some(id) = g.lookup(conds, method, path, headers) {
-                return Some(id);
-            }
+        if let Some(g) = self.exact_hosts.get(host)
+            && let Some(id) = g.lookup(conds, method, path, headers)
+        {
+            return Some(id);
         }
         if !self.wildcard_hosts.is_empty() {
             // Longest suffix first: walk the dots left to right.
             for (i, b) in host.bytes().enumerate() {
-                if b == b'.' {
-                    if let Some(g) = self.wildcard_hosts.get(&host[i..]) {
-                        if let Some(id) = g.lookup(conds, method, path, headers) {
-                            return Some(id);
-                        }
-                    }
+                if b == b'.'
+                    && let Some(g) = self.wildcard_hosts.get(&host[i..])
+                    && let Some(id) = g.lookup(conds, method, path, headers)
+                {
+                    return Some(id);
                 }
             }
         }

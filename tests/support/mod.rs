@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use upstream::Upstream;
 #[allow(unused_imports)]
 pub use upstream::UpstreamOpts;
@@ -344,10 +345,10 @@ impl TestClient {
             return s.send_request(req).await;
         }
         let mut pooled = self.idle.lock().await.pop();
-        if let Some(s) = pooled.as_mut() {
-            if s.ready().await.is_err() {
-                pooled = None;
-            }
+        if let Some(s) = pooled.as_mut()
+            && s.ready().await.is_err()
+        {
+            pooled = None;
         }
         let mut s = match pooled {
             Some(s) => s,

@@ -192,10 +192,8 @@ fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
             if msg.is_close() {
                 break;
             }
-            if msg.is_text() || msg.is_binary() {
-                if ws.send(msg).await.is_err() {
-                    break;
-                }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
             }
         }
     });

@@ -1,0 +1,167 @@
+//! Readiness, draining on SIGTERM and on `POST /shutdown`, the drain deadline.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+fn yaml(up: &Upstream) -> String {
+    format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes: [ {{ name: r, backends: [ {{ cluster: app }} ] }} ]\nclusters: [ {{ name: app, endpoints: [ {{ address: {} }} ] }} ]\n",
+        up.addr
+    )
+}
+
+/// Waits (on the upstream's own count) until `n` requests have reached it.
+async fn until_hits(up: &Upstream, n: usize) {
+    tokio::time::timeout(READY_TIMEOUT, async {
+        while up.hits() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("requests never reached the upstream");
+}
+
+async fn drains_in_flight_requests(trigger: impl FnOnce(&ProxyProc)) {
+    let up = Upstream::with(
+        "slow",
+        UpstreamOpts {
+            delay: Some(Duration::from_millis(700)),
+            status: None,
+        },
+    )
+    .await;
+    let mut p = ProxyProc::start(&yaml(&up));
+    assert_eq!(http_get_raw(p.probes, "/ready").0, 200);
+    assert_eq!(http_get_raw(p.probes, "/live").0, 200);
+    let addr = p.addr("out");
+
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let c = if i % 2 == 0 {
+                TestClient::h1(addr)
+            } else {
+                TestClient::h2(addr)
+            };
+            let r = get(&c, "svc", "/").await;
+            (
+                i % 2 == 0,
+                r.status,
+                r.header("connection").map(str::to_owned),
+            )
+        }));
+    }
+    until_hits(&up, 8).await;
+    trigger(&p);
+
+    // Readiness fails at once while requests are still in flight.
+    let probes = p.probes;
+    let ready = tokio::task::spawn_blocking(move || http_get_raw(probes, "/ready").0)
+        .await
+        .unwrap();
+    assert_eq!(ready, 503);
+
+    for t in tasks {
+        let (h1, status, connection) = t.await.unwrap();
+        assert_eq!(status, 200, "an in-flight request failed during drain");
+        if h1 {
+            assert_eq!(
+                connection.as_deref(),
+                Some("close"),
+                "HTTP/1 responses during drain close the connection"
+            );
+        }
+    }
+    // New connections are refused: the listener is closed.
+    assert!(std::net::TcpStream::connect(addr).is_err());
+    let status = tokio::task::spawn_blocking(move || p.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    drains_in_flight_requests(|p| p.signal("TERM")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_endpoint_drains_like_sigterm() {
+    drains_in_flight_requests(|p| {
+        let r = raw(p.admin, b"POST /shutdown HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_ends_a_drain_that_would_never_finish() {
+    let up = Upstream::with(
+        "stuck",
+        UpstreamOpts {
+            delay: Some(Duration::from_secs(600)),
+            status: None,
+        },
+    )
+    .await;
+    let mut p = ProxyProc::start_with(&yaml(&up), &["--drain-timeout", "200ms"]);
+    let addr = p.addr("out");
+    let stuck = tokio::spawn(async move {
+        let c = TestClient::h1(addr);
+        let req = http::Request::builder()
+            .uri("/")
+            .header("host", "svc")
+            .body(Default::default())
+            .unwrap();
+        c.request(req).await.is_err()
+    });
+    until_hits(&up, 1).await;
+    p.signal("INT");
+    let status = tokio::task::spawn_blocking(move || p.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        stuck.await.unwrap(),
+        "the stuck request ends when the proxy exits"
+    );
+}
+
+#[test]
+fn admin_endpoints_answer() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(Upstream::start("app"));
+    let p = ProxyProc::start(&yaml(&up));
+    let (s, body, _) = http_get_raw(p.admin, "/config");
+    assert_eq!(s, 200);
+    assert!(
+        body.contains("# version: 1") && body.contains("name: app"),
+        "{body}"
+    );
+    let (s, body, _) = http_get_raw(p.admin, "/clusters");
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["clusters"][0]["endpoints"][0]["address"],
+        up.addr.to_string()
+    );
+    assert_eq!(v["clusters"][0]["endpoints"][0]["state"], "healthy");
+    let (s, body, _) = http_get_raw(p.probes, "/metrics");
+    assert_eq!(s, 200);
+    for name in [
+        "outrigger_config_version 1",
+        "outrigger_connections",
+        "outrigger_process_resident_memory_bytes",
+        "outrigger_feed_updates_total",
+    ] {
+        assert!(body.contains(name), "{name} missing");
+    }
+    assert_eq!(
+        http_get_raw(p.probes, "/config").0,
+        404,
+        "the probe port serves no admin endpoints"
+    );
+    assert_eq!(http_get_raw(p.admin, "/shutdown").0, 405);
+}
