@@ -165,3 +165,41 @@ fn admin_endpoints_answer() {
     );
     assert_eq!(http_get_raw(p.admin, "/shutdown").0, 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_downstream_connections_are_closed() {
+    use std::io::{Read, Write};
+    let up = Upstream::start("app").await;
+    let yaml = yaml(&up).replace(
+        "address: 127.0.0.1:0 }",
+        "address: 127.0.0.1:0, idle_timeout: 100ms }",
+    );
+    let p = ProxyProc::start(&yaml);
+    let addr = p.addr("out");
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        // Keep-alive, then silence: the proxy closes the connection (read → 0).
+        matches!(s.read(&mut buf), Ok(0))
+    })
+    .await
+    .unwrap();
+    assert!(closed, "idle connection was not closed");
+    // HTTP/2 too: the connection goes away after the idle period.
+    let c = TestClient::h2(addr);
+    assert_eq!(get(&c, "svc", "/").await.status, 200);
+    let mut gone = false;
+    for _ in 0..300 {
+        let s = c.h2_sender().await;
+        if s.is_none_or(|s| s.is_closed()) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "idle HTTP/2 connection was not closed");
+}

@@ -37,6 +37,7 @@ impl tower::Service<Request<Incoming>> for Forward {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        self.conn.requests.fetch_add(1, Relaxed);
         Box::pin(forward(self.conn.clone(), req))
     }
 }

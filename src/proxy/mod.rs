@@ -67,6 +67,7 @@ pub struct ListenerInfo {
     pub access_log: AtomicBool,
     pub unmatched: Arc<RouteStats>,
     pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
 }
 
 pub struct ConnInfo {
@@ -74,6 +75,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Set when the first HTTP/1 head carried both Content-Length and Transfer-Encoding.
     pub framing_conflict: Arc<AtomicBool>,
+    /// Requests started on this connection, for the idle watchdog.
+    pub requests: AtomicU64,
 }
 
 struct Running {
@@ -213,6 +216,7 @@ impl Proxy {
                 access_log: AtomicBool::new(l.access_log),
                 unmatched: RouteStats::new(&l.name, "", ""),
                 max_header_bytes: l.max_header_bytes,
+                idle_timeout: l.idle_timeout.0,
             });
             // Export the listener's series at 0 from the start, not from its first connection.
             let m = metrics();
@@ -297,7 +301,9 @@ fn server_builder(l: &Listener) -> Arc<auto::Builder<TokioExecutor>> {
     b.http1()
         .timer(TokioTimer::new())
         .max_buf_size(l.max_header_bytes)
-        .header_read_timeout(Duration::from_secs(30));
+        // hyper's header timer allocates a sleep per request; the per-connection
+        // idle watchdog in `serve_connection` bounds idle and slow clients instead.
+        .header_read_timeout(None);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
@@ -364,23 +370,44 @@ async fn serve_connection(
     let stream = framing::FramingWatch::new(stream, info.max_header_bytes);
     let framing_conflict = stream.conflict.clone();
 
+    let conn_info = Arc::new(ConnInfo {
+        listener: info.clone(),
+        peer,
+        framing_conflict,
+        requests: AtomicU64::new(0),
+    });
     let stack = tower::ServiceBuilder::new()
         .layer(MetricsLayer::new(info.clone()))
         .layer(ErrorLayer)
         .service(Forward {
-            conn: Arc::new(ConnInfo {
-                listener: info.clone(),
-                peer,
-                framing_conflict,
-            }),
+            conn: conn_info.clone(),
         });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(stack));
     tokio::pin!(conn);
     let mut drain = shared.drain_tx.subscribe();
+    // Ask the connection to close when the proxy drains, or when a whole idle
+    // period passed without a new request (one timer per connection, none per request).
+    let close_when = async {
+        let idle = async {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(info.idle_timeout).await;
+                let now = conn_info.requests.load(SeqCst);
+                if now == last {
+                    return;
+                }
+                last = now;
+            }
+        };
+        tokio::select! {
+            _ = drain.wait_for(|d| *d) => {}
+            _ = idle => tracing::debug!(listener = %info.name, %peer, "closing idle connection"),
+        }
+    };
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = async { drain.wait_for(|d| *d).await.map(|_| ()) } => {
+        _ = close_when => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -310,6 +310,11 @@ impl TestClient {
         }
     }
 
+    /// The current HTTP/2 connection, if any.
+    pub async fn h2_sender(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
+        self.h2.lock().await.clone()
+    }
+
     pub async fn request(
         &self,
         mut req: http::Request<Full<Bytes>>,
