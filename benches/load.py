@@ -1,0 +1,490 @@
+#!/usr/bin/env python3
+"""Load harness: Outrigger next to NGINX and HAProxy, on loopback, in one run.
+
+One fixed upstream (NGINX, 64-byte body) and, in turn, each proxy in front
+of it with one worker, keep-alive upstream, no access log, pinned to core 0
+with taskset; the load generators and the upstream run on core 1. Rounds are
+interleaved (every proxy once per round) and figures are medians over rounds,
+so a noisy neighbour hurts all proxies alike.
+
+Measured per proxy:
+  - closed-loop HTTP/1.1 keep-alive throughput (wrk) and CPU time per request
+    (utime+stime from /proc/PID/stat over the requests served);
+  - HTTP/2 cleartext throughput and CPU per request (h2load);
+  - open-loop latency at a fixed rate (h2load --h1 --rps, per-request log):
+    p50, p90, p99, p99.9, max; and the same for the upstream directly;
+  - resident memory idle and under load.
+Outrigger-only rows: two sidecars in a row (outbound -> inbound -> app) and a
+route with retries, timeouts and circuit breaking configured.
+
+Writes benches/results/latest.{md,json,svg} and prints a sizing line.
+
+  python3 benches/load.py                 # 3 rounds, 8 s per measurement
+  python3 benches/load.py --rounds 1 --duration 3   # quick look
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benches", "results")
+UP_PORT, PROXY_PORT, H2_PORT, SIDECAR2_PORT = 18500, 18501, 18503, 18502
+BODY = "x" * 63 + "\n"  # 64 bytes
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, text=True, capture_output=True, **kw).stdout
+
+
+def ensure_tools():
+    missing = [t for t in ("nginx", "haproxy", "wrk", "h2load", "taskset") if not shutil.which(t) and not os.path.exists("/usr/sbin/" + t)]
+    if missing:
+        print("installing", " ".join(missing), file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx", "haproxy", "wrk", "nghttp2-client", "util-linux"], check=True, env=env)
+
+
+def binary(name):
+    return shutil.which(name) or "/usr/sbin/" + name
+
+
+def cores():
+    n = os.cpu_count() or 1
+    return ("0", "1") if n >= 2 else ("0", "0")
+
+
+def wait_port(port, timeout=20):
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("port %d never opened" % port)
+
+
+def pids_of(root):
+    """root and all its descendants."""
+    children = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open("/proc/%s/stat" % p) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(p))
+            except OSError:
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / TICK
+
+
+def rss_mib(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open("/proc/%d/statm" % p) as f:
+                total += int(f.read().split()[1]) * PAGE_KB
+        except OSError:
+            pass
+    return total / 1024
+
+
+class Proc:
+    def __init__(self, cmd, core, port, cwd=None, env=None):
+        self.p = subprocess.Popen(["taskset", "-c", core] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd, env=env)
+        wait_port(port)
+        time.sleep(0.2)  # let worker processes settle before the idle reading
+
+    def pids(self):
+        return pids_of(self.p.pid)
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def upstream_nginx(tmp, core):
+    conf = os.path.join(tmp, "upstream.conf")
+    with open(conf, "w") as f:
+        f.write("""
+daemon off; master_process off; worker_processes 1; pid %s/up.pid; error_log /dev/null crit;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  client_body_temp_path %s; proxy_temp_path %s; fastcgi_temp_path %s; uwsgi_temp_path %s; scgi_temp_path %s;
+  server { listen 127.0.0.1:%d; location / { default_type text/plain; return 200 "%s"; } } }
+""" % (tmp, tmp, tmp, tmp, tmp, tmp, UP_PORT, BODY.replace("\n", "\\n")))
+    return Proc([binary("nginx"), "-c", conf, "-p", tmp], core, UP_PORT)
+
+
+def proxy_nginx(tmp, core):
+    conf = os.path.join(tmp, "proxy-nginx.conf")
+    with open(conf, "w") as f:
+        f.write("""
+daemon off; master_process off; worker_processes 1; pid %s/px.pid; error_log /dev/null crit;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  client_body_temp_path %s; proxy_temp_path %s; fastcgi_temp_path %s; uwsgi_temp_path %s; scgi_temp_path %s;
+  upstream u { server 127.0.0.1:%d; keepalive 128; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:%d; listen 127.0.0.1:%d http2;
+    location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } } }
+""" % (tmp, tmp, tmp, tmp, tmp, tmp, UP_PORT, PROXY_PORT, H2_PORT))
+    return Proc([binary("nginx"), "-c", conf, "-p", tmp], core, PROXY_PORT)
+
+
+def proxy_haproxy(tmp, core):
+    conf = os.path.join(tmp, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write("""
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 300s
+  timeout server 300s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:%d
+  bind 127.0.0.1:%d proto h2
+  default_backend b
+backend b
+  server s1 127.0.0.1:%d
+""" % (PROXY_PORT, H2_PORT, UP_PORT))
+    return Proc([binary("haproxy"), "-f", conf], core, PROXY_PORT)
+
+
+def outrigger_yaml(tmp, name, listeners, admin_port, policies=False):
+    route_extra = ""
+    cluster_extra = ""
+    if policies:
+        route_extra = ", timeout: 2s, retry: { attempts: 3, on: [gateway-error, connect-failure, reset], per_try_timeout: 500ms }"
+        cluster_extra = ", circuit_breaker: { max_connections: 1024, max_pending: 1024, max_requests: 1024 }, outlier_detection: { consecutive_5xx: 5 }"
+    path = os.path.join(tmp, name + ".yaml")
+    with open(path, "w") as f:
+        f.write("admin: { address: 127.0.0.1:%d, probes: 127.0.0.1:%d }\n" % (admin_port, admin_port + 1))
+        f.write("listeners:\n")
+        for l in listeners:
+            f.write("  - %s\n" % l)
+        f.write("routes: [ { name: bench, backends: [ { cluster: up } ]%s } ]\n" % route_extra)
+        f.write("clusters: [ { name: up, protocol: http1, endpoints: [ { address: 127.0.0.1:%d } ]%s } ]\n" % (UP_PORT, cluster_extra))
+    return path
+
+
+def proxy_outrigger(tmp, core, policies=False):
+    path = outrigger_yaml(tmp, "outrigger", ["{ name: out, role: outbound, address: 127.0.0.1:%d }" % PROXY_PORT], 18510, policies)
+    exe = os.path.join(ROOT, "target", "release", "outrigger")
+    return Proc([exe, "run", "--config", path, "--threads", "1", "--log-level", "error"], core, PROXY_PORT)
+
+
+class Mesh:
+    """Two Outrigger sidecars in a row: the caller's outbound -> the callee's inbound -> app."""
+
+    def __init__(self, tmp, core):
+        exe = os.path.join(ROOT, "target", "release", "outrigger")
+        inbound = os.path.join(tmp, "inbound.yaml")
+        with open(inbound, "w") as f:
+            f.write("admin: { address: 127.0.0.1:18520, probes: 127.0.0.1:18521 }\n")
+            f.write("listeners: [ { name: in, role: inbound, address: 127.0.0.1:%d, forward_to: 127.0.0.1:%d } ]\n" % (SIDECAR2_PORT, UP_PORT))
+        outbound = os.path.join(tmp, "outbound.yaml")
+        with open(outbound, "w") as f:
+            f.write("admin: { address: 127.0.0.1:18510, probes: 127.0.0.1:18511 }\n")
+            f.write("listeners: [ { name: out, role: outbound, address: 127.0.0.1:%d } ]\n" % PROXY_PORT)
+            f.write("routes: [ { name: r, backends: [ { cluster: callee } ] } ]\n")
+            f.write("clusters: [ { name: callee, protocol: http1, endpoints: [ { address: 127.0.0.1:%d } ] } ]\n" % SIDECAR2_PORT)
+        self.a = Proc([exe, "run", "--config", inbound, "--threads", "1", "--log-level", "error"], core, SIDECAR2_PORT)
+        self.b = Proc([exe, "run", "--config", outbound, "--threads", "1", "--log-level", "error"], core, PROXY_PORT)
+
+    def pids(self):
+        return self.a.pids() + self.b.pids()
+
+    def stop(self):
+        self.b.stop()
+        self.a.stop()
+
+
+def parse_wrk(out):
+    reqs = int(out.split(" requests in ")[0].split()[-1])
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    non2xx = 0
+    if "Non-2xx" in out:
+        non2xx = int(out.split("Non-2xx or 3xx responses:")[1].split()[0])
+    errors = 0
+    if "Socket errors" in out:
+        errors = sum(int(x.split()[1].strip(",")) for x in out.split("Socket errors:")[1].split("\n")[0].split(",") if len(x.split()) > 1)
+    return reqs, rps, non2xx + errors
+
+
+def parse_h2load(out):
+    done = 0
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            parts = line.split(",")
+            for p in parts:
+                if "succeeded" in p:
+                    done = int(p.split()[0])
+    rps = float(out.split("req/s")[0].split(",")[-1].strip().split()[0]) if "req/s" in out else 0.0
+    return done, rps
+
+
+def measure_load(target, cmd, pids_fn):
+    """Runs one load command; returns (requests, rps, errors, cpu_us_per_req, rss_load_mib)."""
+    pids = pids_fn()
+    rss_peak = [rss_mib(pids)]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.25):
+            rss_peak[0] = max(rss_peak[0], rss_mib(pids))
+
+    t = threading.Thread(target=sample)
+    t.start()
+    c0 = cpu_seconds(pids)
+    out = sh(cmd)
+    c1 = cpu_seconds(pids)
+    stop.set()
+    t.join()
+    if "wrk" in cmd[2:4]:
+        reqs, rps, errors = parse_wrk(out)
+    else:
+        reqs, rps = parse_h2load(out)
+        errors = 0
+    cpu_us = (c1 - c0) * 1e6 / max(reqs, 1)
+    return {"requests": reqs, "rps": rps, "errors": errors, "cpu_us_per_req": cpu_us, "rss_load_mib": rss_peak[0]}
+
+
+def open_loop(port, rate, duration, load_core, tmp):
+    log = os.path.join(tmp, "h2load-%d.log" % port)
+    clients = 20
+    sh(["taskset", "-c", load_core, "h2load", "--h1", "-c", str(clients), "--rps", str(rate // clients), "-D", str(duration),
+        "--warm-up-time", "1", "--log-file", log, "http://127.0.0.1:%d/" % port])
+    lat = []
+    with open(log) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "200":
+                lat.append(int(parts[2]))
+    lat.sort()
+
+    def pct(p):
+        return lat[min(len(lat) - 1, int(len(lat) * p))] if lat else 0
+
+    return {"p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": lat[-1] if lat else 0, "samples": len(lat)}
+
+
+def run_round(args, tmp, proxy_core, load_core, rnd):
+    rows = {}
+    d = str(args.duration)
+    subjects = [("direct", None), ("outrigger", proxy_outrigger), ("nginx", proxy_nginx), ("haproxy", proxy_haproxy),
+                ("outrigger-mesh", "mesh"), ("outrigger-policies", "policies")]
+    if args.only:
+        subjects = [s for s in subjects if s[0] in args.only.split(",")]
+    for name, start in subjects:
+        row = {}
+        if start is None:
+            row["latency"] = open_loop(UP_PORT, args.rate, args.duration, load_core, tmp)
+            rows[name] = row
+            continue
+        if start == "mesh":
+            p = Mesh(tmp, proxy_core)
+        elif start == "policies":
+            try:
+                p = proxy_outrigger(tmp, proxy_core, policies=True)
+            except Exception:
+                print("  (policies row skipped: this build does not accept retry/breaker config yet)", file=sys.stderr)
+                continue
+        else:
+            p = start(tmp, proxy_core)
+        try:
+            row["rss_idle_mib"] = rss_mib(p.pids())
+            url = "http://127.0.0.1:%d/" % PROXY_PORT
+            # warm-up: pools, caches
+            sh(["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d1s", url])
+            row["http1"] = measure_load(name, ["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d" + d + "s", url], p.pids)
+            if name in ("outrigger", "nginx", "haproxy"):
+                h2port = PROXY_PORT if name == "outrigger" else H2_PORT
+                row["http2"] = measure_load(name, ["taskset", "-c", load_core, "h2load", "-c16", "-m10", "-D", d, "http://127.0.0.1:%d/" % h2port], p.pids)
+                row["latency"] = open_loop(PROXY_PORT, args.rate, args.duration, load_core, tmp)
+        finally:
+            p.stop()
+        rows[name] = row
+        h1 = row.get("http1", {})
+        print("  round %d %-20s %9.0f req/s  %6.1f us CPU/req  rss %5.1f MiB  p99 %s us" % (
+            rnd, name, h1.get("rps", 0), h1.get("cpu_us_per_req", 0), h1.get("rss_load_mib", 0),
+            row.get("latency", {}).get("p99_us", "-")), file=sys.stderr)
+    return rows
+
+
+def median_rows(rounds):
+    out = {}
+    for name in rounds[0]:
+        out[name] = {}
+        for key, val in rounds[0][name].items():
+            if isinstance(val, dict):
+                out[name][key] = {k: statistics.median(r[name][key][k] for r in rounds if name in r and key in r[name]) for k in val}
+                out[name][key]["spread"] = {k: [min(r[name][key][k] for r in rounds if name in r and key in r[name]), max(r[name][key][k] for r in rounds if name in r and key in r[name])] for k in val}
+            else:
+                out[name][key] = statistics.median(r[name][key] for r in rounds if name in r)
+    return out
+
+
+def sizing(res, rate):
+    o = res.get("outrigger", {})
+    cpu = o.get("http1", {}).get("cpu_us_per_req", 0)
+    mem = o.get("http1", {}).get("rss_load_mib", 0)
+    # µs of CPU per request == millicores per 1,000 requests per second.
+    m_per_k = cpu
+    req_m = max(10, int(round(m_per_k * rate / 1000 * 1.5)))
+    lim_m = req_m * 2
+    mem_req = int(mem + 8)
+    return {"millicores_per_1k_rps": round(m_per_k, 1), "memory_mib": round(mem, 1), "rate": rate,
+            "requests": {"cpu": "%dm" % req_m, "memory": "%dMi" % mem_req},
+            "limits": {"cpu": "%dm" % lim_m, "memory": "%dMi" % (mem_req * 2)}}
+
+
+def markdown(res, meta):
+    lines = ["| proxy | HTTP/1.1 req/s | CPU µs/req | HTTP/2 req/s | h2 CPU µs/req | RSS idle MiB | RSS load MiB | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ("direct", "outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-policies"):
+        if name not in res:
+            continue
+        r = res[name]
+        h1, h2, lat = r.get("http1", {}), r.get("http2", {}), r.get("latency", {})
+
+        def f(d, k, fmt="%.0f"):
+            return fmt % d[k] if k in d else "–"
+
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            name, f(h1, "rps"), f(h1, "cpu_us_per_req", "%.1f"), f(h2, "rps"), f(h2, "cpu_us_per_req", "%.1f"),
+            "%.1f" % r["rss_idle_mib"] if "rss_idle_mib" in r else "–", f(h1, "rss_load_mib", "%.1f"),
+            f(lat, "p50_us"), f(lat, "p90_us"), f(lat, "p99_us"), f(lat, "p999_us"), f(lat, "max_us")))
+    lines.append("")
+    lines.append("Medians of %d interleaved rounds, %d s per measurement, one proxy worker pinned to one core; "
+                 "open-loop latency at %d req/s (h2load --h1 --rps). Machine: %s, %s cores. %s." % (
+                     meta["rounds"], meta["duration"], meta["rate"], meta["cpu"], meta["cores"], meta["date"]))
+    return "\n".join(lines)
+
+
+def svg(res):
+    names = [n for n in ("direct", "outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-policies") if n in res]
+    colors = {"direct": "#999", "outrigger": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#d62728", "outrigger-mesh": "#9467bd", "outrigger-policies": "#17becf"}
+    W, H = 900, 420
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (W, H),
+           '<rect width="100%" height="100%" fill="white"/>']
+    # left: latency percentiles
+    pcts = ["p50_us", "p90_us", "p99_us", "p999_us"]
+    lat_names = [n for n in names if "latency" in res[n]]
+    vmax = max([res[n]["latency"][p] for n in lat_names for p in pcts] + [1])
+    x0, y0, ph = 50, 40, 300
+    out.append('<text x="%d" y="20" font-weight="bold">Open-loop latency (µs) by percentile</text>' % x0)
+    gw = 90
+    for gi, p in enumerate(pcts):
+        gx = x0 + gi * (gw + 10)
+        out.append('<text x="%d" y="%d">%s</text>' % (gx + 20, y0 + ph + 20, p.replace("_us", "")))
+        bw = gw / max(len(lat_names), 1)
+        for ni, n in enumerate(lat_names):
+            v = res[n]["latency"][p]
+            h = ph * v / vmax
+            out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s %s: %d µs</title></rect>' % (
+                gx + ni * bw, y0 + ph - h, bw - 2, h, colors[n], n, p, v))
+    # right: CPU per request
+    cpu_names = [n for n in names if "http1" in res[n]]
+    cmax = max([res[n]["http1"]["cpu_us_per_req"] for n in cpu_names] + [1])
+    x1 = 500
+    out.append('<text x="%d" y="20" font-weight="bold">CPU µs per request (HTTP/1.1)</text>' % x1)
+    for ni, n in enumerate(cpu_names):
+        v = res[n]["http1"]["cpu_us_per_req"]
+        h = ph * v / cmax
+        x = x1 + ni * 62
+        out.append('<rect x="%d" y="%.1f" width="50" height="%.1f" fill="%s"/>' % (x, y0 + ph - h, h, colors[n]))
+        out.append('<text x="%d" y="%.1f">%.1f</text>' % (x + 8, y0 + ph - h - 4, v))
+        out.append('<text x="%d" y="%d" transform="rotate(30 %d %d)">%s</text>' % (x, y0 + ph + 15, x, y0 + ph + 15, n))
+    # legend
+    for i, n in enumerate(names):
+        out.append('<rect x="%d" y="%d" width="10" height="10" fill="%s"/><text x="%d" y="%d">%s</text>' % (
+            x0 + i * 140, H - 25, colors[n], x0 + i * 140 + 14, H - 16, n))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--rate", type=int, default=2000, help="open-loop request rate")
+    ap.add_argument("--sidecar-rate", type=int, default=1000, help="request rate the sizing line is for")
+    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-policies)")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    ensure_tools()
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "--bin", "outrigger"], cwd=ROOT, check=True)
+    proxy_core, load_core = cores()
+    tmp = tempfile.mkdtemp(prefix="outrigger-bench-")
+    up = upstream_nginx(tmp, load_core)
+    rounds = []
+    try:
+        for r in range(args.rounds):
+            rounds.append(run_round(args, tmp, proxy_core, load_core, r + 1))
+    finally:
+        up.stop()
+    res = median_rows(rounds)
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    meta = {"rounds": args.rounds, "duration": args.duration, "rate": args.rate, "cpu": cpu, "cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    size = sizing(res, args.sidecar_rate)
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump({"meta": meta, "results": res, "rounds": rounds, "sizing": size}, f, indent=2)
+    md = markdown(res, meta)
+    with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(RESULTS, "latest.svg"), "w") as f:
+        f.write(svg(res))
+    print(md)
+    if "haproxy" in res and "outrigger" in res:
+        ratio = res["outrigger"]["http1"]["cpu_us_per_req"] / res["haproxy"]["http1"]["cpu_us_per_req"]
+        print("\nOutrigger CPU/request = %.2f x HAProxy's (same run)" % ratio)
+    print("\nsizing: %.1f millicores and %.1f MiB per 1,000 req/s -> at %d req/s: resources.requests {cpu: %s, memory: %s}, limits {cpu: %s, memory: %s}" % (
+        size["millicores_per_1k_rps"], size["memory_mib"], size["rate"], size["requests"]["cpu"], size["requests"]["memory"],
+        size["limits"]["cpu"], size["limits"]["memory"]))
+
+
+if __name__ == "__main__":
+    main()
