@@ -9,7 +9,7 @@ use crate::balance::Cluster;
 use crate::config::{self, Config, Role};
 use crate::route::{CompileError, RouteTable};
 use crate::telemetry::RouteStats;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 /// Where a route's backend sends requests, with its metric labels.
@@ -42,7 +42,7 @@ impl Snapshot {
         version: u64,
         prev: Option<&Snapshot>,
     ) -> Result<Snapshot, CompileError> {
-        let mut clusters = HashMap::new();
+        let mut clusters = HashMap::default();
         let reuse = |c: &config::Cluster| -> Arc<Cluster> {
             match prev.and_then(|p| p.clusters.get(&c.name)) {
                 Some(old) if old.config == *c => old.clone(),
@@ -52,7 +52,7 @@ impl Snapshot {
         for c in &config.clusters {
             clusters.insert(c.name.clone(), reuse(c));
         }
-        let mut listeners = HashMap::new();
+        let mut listeners = HashMap::default();
         for l in &config.listeners {
             let routes: Vec<&config::Route> = config
                 .routes

@@ -14,13 +14,32 @@ pub const REQUEST_ID: &str = "x-request-id";
 const XFF: &str = "x-forwarded-for";
 const XFP: &str = "x-forwarded-proto";
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::TE
-        || name.as_str() == KEEP_ALIVE
-        || name.as_str() == PROXY_CONNECTION
+// Bit per hop-by-hop header, so one scan of the map finds all that are present.
+const CONN: u8 = 1;
+const TE_: u8 = 2;
+const TRANSFER: u8 = 4;
+const UPGRADE: u8 = 8;
+const KEEPALIVE: u8 = 16;
+const PROXY_CONN: u8 = 32;
+
+fn hop_bit(name: &HeaderName) -> u8 {
+    if *name == header::CONNECTION {
+        CONN
+    } else if *name == header::TE {
+        TE_
+    } else if *name == header::TRANSFER_ENCODING {
+        TRANSFER
+    } else if *name == header::UPGRADE {
+        UPGRADE
+    } else {
+        // Custom names: compare length first, it rules out nearly all.
+        let s = name.as_str();
+        match s.len() {
+            10 if s == KEEP_ALIVE => KEEPALIVE,
+            16 if s == PROXY_CONNECTION => PROXY_CONN,
+            _ => 0,
+        }
+    }
 }
 
 /// Removes hop-by-hop headers and those named by `Connection`. With
@@ -28,46 +47,67 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// upgrade is forwarded end to end). `TE: trailers` survives: gRPC servers
 /// require it, and it is valid on every hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if !headers.keys().any(is_hop_by_hop) {
+    let mut present = 0u8;
+    for name in headers.keys() {
+        present |= hop_bit(name);
+    }
+    if present == 0 {
         return;
     }
-    // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        if let Ok(s) = v.to_str() {
+    if present & CONN != 0 {
+        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        // Look them up by &str: no allocation for the common tokens.
+        let mut listed: [Option<HeaderName>; 4] = Default::default();
+        let mut n = 0;
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(s) = v.to_str() else { continue };
             for token in s.split(',') {
                 let t = token.trim();
-                if t.eq_ignore_ascii_case("upgrade") && keep_upgrade {
+                if t.is_empty()
+                    || t.eq_ignore_ascii_case("keep-alive")
+                    || t.eq_ignore_ascii_case("close")
+                    || t.eq_ignore_ascii_case("upgrade")
+                {
                     continue;
                 }
-                if let Ok(n) = HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()) {
-                    listed.push(n);
+                if n < listed.len() {
+                    if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                        listed[n] = Some(name);
+                        n += 1;
+                    }
                 }
             }
         }
-    }
-    let te_trailers = headers.get(header::TE).is_some_and(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-    });
-    headers.remove(header::CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::TE);
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    for n in listed {
-        if !(keep_upgrade && n == header::UPGRADE) {
-            headers.remove(n);
+        for name in listed.into_iter().flatten() {
+            headers.remove(name);
         }
+        headers.remove(header::CONNECTION);
+    }
+    if present & TE_ != 0 {
+        let trailers = headers.get(header::TE).is_some_and(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        });
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+    if present & TRANSFER != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & KEEPALIVE != 0 {
+        headers.remove(KEEP_ALIVE);
+    }
+    if present & PROXY_CONN != 0 {
+        headers.remove(PROXY_CONNECTION);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & UPGRADE != 0 {
         headers.remove(header::UPGRADE);
-    }
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -134,9 +174,9 @@ pub fn to_http2<B>(req: &mut http::Request<B>, authority: Option<Authority>) {
 
 /// Adds `x-request-id` when absent.
 pub fn ensure_request_id(headers: &mut HeaderMap) {
-    if headers.contains_key(REQUEST_ID) {
+    let header::Entry::Vacant(slot) = headers.entry(REQUEST_ID) else {
         return;
-    }
+    };
     let mut buf = [0u8; 32];
     let mut n = fastrand::u128(..);
     for b in buf.iter_mut() {
@@ -144,7 +184,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
         n >>= 4;
     }
     if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        headers.insert(REQUEST_ID, v);
+        slot.insert(v);
     }
 }
 

@@ -14,7 +14,7 @@ mod trie;
 use crate::config::{self, HeaderMatch};
 use http::{HeaderMap, HeaderName, Method};
 use regex::Regex;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use trie::Trie;
 
 /// Index of a route in config order.
