@@ -70,11 +70,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 {
                     continue;
                 }
-                if n < listed.len() {
-                    if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
-                        listed[n] = Some(name);
-                        n += 1;
-                    }
+                if n < listed.len()
+                    && let Ok(name) = HeaderName::from_bytes(t.as_bytes())
+                {
+                    listed[n] = Some(name);
+                    n += 1;
                 }
             }
         }
