@@ -4,21 +4,36 @@
 
 use crate::balance::PooledBody;
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// A request body on its way upstream.
 #[derive(Debug)]
 pub enum ReqBody {
+    /// Streamed from the client as it arrives.
     Incoming(Incoming),
-    Bytes(Option<Bytes>),
+    /// Held in memory (for replay by retries), trailers included.
+    Replay {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    /// Frames read while trying to buffer, then the rest of the stream.
+    Chained {
+        read: VecDeque<Frame<Bytes>>,
+        rest: Incoming,
+    },
 }
 
 impl ReqBody {
     pub fn empty() -> Self {
-        ReqBody::Bytes(None)
+        ReqBody::Replay {
+            data: None,
+            trailers: None,
+        }
     }
 }
 
@@ -26,6 +41,64 @@ impl From<Incoming> for ReqBody {
     fn from(b: Incoming) -> Self {
         ReqBody::Incoming(b)
     }
+}
+
+/// What trying to buffer a body for replay gave.
+pub enum Buffered {
+    /// The whole body, small enough to replay.
+    Whole {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Larger than the bound: the body to send once, nothing lost.
+    TooLarge(ReqBody),
+}
+
+/// Reads `body` into memory if it is at most `max` bytes. A larger body
+/// (known from its length or found while reading) comes back whole as a
+/// stream, never truncated.
+pub async fn buffer(body: ReqBody, max: usize) -> Result<Buffered, hyper::Error> {
+    let mut incoming = match body {
+        ReqBody::Replay { data, trailers } => {
+            return Ok(Buffered::Whole {
+                data: data.unwrap_or_default(),
+                trailers,
+            });
+        }
+        ReqBody::Chained { .. } => return Ok(Buffered::TooLarge(body)),
+        ReqBody::Incoming(b) => b,
+    };
+    if incoming.size_hint().lower() > max as u64 {
+        return Ok(Buffered::TooLarge(ReqBody::Incoming(incoming)));
+    }
+    let mut read: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut len = 0usize;
+    let mut trailers = None;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut incoming).poll_frame(cx)).await
+    {
+        let frame = frame?;
+        if let Some(d) = frame.data_ref() {
+            len += d.len();
+        }
+        read.push_back(frame);
+        if len > max {
+            return Ok(Buffered::TooLarge(ReqBody::Chained {
+                read,
+                rest: incoming,
+            }));
+        }
+    }
+    let mut data = bytes::BytesMut::with_capacity(len);
+    for f in read {
+        match f.into_data() {
+            Ok(d) => data.extend_from_slice(&d),
+            Err(f) => trailers = f.into_trailers().ok(),
+        }
+    }
+    Ok(Buffered::Whole {
+        data: data.freeze(),
+        trailers,
+    })
 }
 
 impl Body for ReqBody {
@@ -38,25 +111,48 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
-            ReqBody::Bytes(b) => Poll::Ready(
-                b.take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
-            ),
+            ReqBody::Replay { data, trailers } => {
+                if let Some(d) = data.take().filter(|d| !d.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            ReqBody::Chained { read, rest } => match read.pop_front() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Incoming(b) => b.is_end_stream(),
-            ReqBody::Bytes(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+            ReqBody::Replay { data, trailers } => {
+                data.as_ref().is_none_or(|d| d.is_empty()) && trailers.is_none()
+            }
+            ReqBody::Chained { read, rest } => read.is_empty() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Incoming(b) => b.size_hint(),
-            ReqBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ReqBody::Replay { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ReqBody::Chained { read, rest } => {
+                let buffered: u64 = read
+                    .iter()
+                    .filter_map(|f| f.data_ref())
+                    .map(|d| d.len() as u64)
+                    .sum();
+                let mut h = SizeHint::new();
+                h.set_lower(rest.size_hint().lower() + buffered);
+                if let Some(u) = rest.size_hint().upper() {
+                    h.set_upper(u + buffered);
+                }
+                h
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod feed;

@@ -5,17 +5,59 @@
 //! their `Arc<Cluster>` across snapshots, and with it their pools and
 //! latency estimates.
 
-use crate::balance::Cluster;
+use crate::balance::{Cluster, ClusterService};
 use crate::config::{self, Config, Role};
+use crate::policy::fault::{Fault, FaultLayer};
+use crate::policy::rate_limit::{RateLimit, RateLimitLayer, TokenBucket};
+use crate::policy::retry::{Retry, RetryLayer, RetryPolicy};
+use crate::policy::timeout::{Timeout, TimeoutLayer};
+use crate::proxy::error::TimeoutKind;
 use crate::route::{CompileError, RouteTable};
 use crate::telemetry::RouteStats;
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
+/// A route's per-backend service stack, in request order (DESIGN.md):
+/// rate limit → fault → route timeout → retry → per-try timeout → cluster
+/// (circuit breaker, balancer, endpoint).
+pub type RouteStack = RateLimit<Fault<Timeout<Retry<Timeout<ClusterService>>>>>;
+
 /// Where a route's backend sends requests, with its metric labels.
 pub struct Target {
     pub cluster: Arc<Cluster>,
     pub stats: Arc<RouteStats>,
+    pub stack: RouteStack,
+}
+
+/// Builds the stack of one route toward one cluster. `bucket` and `retry`
+/// are shared by all the route's backends.
+fn route_stack(
+    r: Option<&config::Route>,
+    route_name: &str,
+    cluster: &Arc<Cluster>,
+    bucket: Option<Arc<TokenBucket>>,
+    retry: Option<Arc<RetryPolicy>>,
+) -> RouteStack {
+    let per_try = r
+        .and_then(|r| r.retry.as_ref())
+        .and_then(|rt| rt.per_try_timeout)
+        .map(|d| d.0);
+    tower::ServiceBuilder::new()
+        .layer(RateLimitLayer::new(bucket))
+        .layer(FaultLayer::new(
+            r.and_then(|r| r.fault.as_ref()),
+            route_name,
+        ))
+        .layer(TimeoutLayer::new(
+            r.and_then(|r| r.timeout).map(|d| d.0),
+            TimeoutKind::Route,
+            route_name,
+        ))
+        .layer(RetryLayer::new(retry, cluster.limits.clone()))
+        .layer(TimeoutLayer::new(per_try, TimeoutKind::PerTry, route_name))
+        .service(ClusterService {
+            cluster: cluster.clone(),
+        })
 }
 
 pub struct ListenerRoutes {
@@ -27,6 +69,8 @@ pub struct ListenerRoutes {
     /// Labels for requests answered without a route.
     pub unmatched: Arc<RouteStats>,
     pub access_log: bool,
+    /// The listener's own rate limit, before routing.
+    pub rate_limit: Option<Arc<TokenBucket>>,
 }
 
 pub struct Snapshot {
@@ -66,12 +110,28 @@ impl Snapshot {
             let targets = routes
                 .iter()
                 .map(|r| {
+                    let bucket = r
+                        .rate_limit
+                        .as_ref()
+                        .map(|rl| TokenBucket::new(rl, "route", &r.name));
+                    let retry = r.retry.as_ref().map(|rt| RetryPolicy::new(rt, &r.name));
                     r.backends
                         .iter()
                         .filter_map(|b| {
                             let cluster = clusters.get(&b.cluster)?.clone();
                             let stats = RouteStats::new(&l.name, &r.name, &b.cluster);
-                            Some(Target { cluster, stats })
+                            let stack = route_stack(
+                                Some(r),
+                                &r.name,
+                                &cluster,
+                                bucket.clone(),
+                                retry.clone(),
+                            );
+                            Some(Target {
+                                cluster,
+                                stats,
+                                stack,
+                            })
                         })
                         .collect()
                 })
@@ -86,6 +146,9 @@ impl Snapshot {
                     connect_timeout: config::Dur::secs(1),
                     idle_timeout: config::Dur::secs(90),
                     max_idle_per_endpoint: 256,
+                    circuit_breaker: Default::default(),
+                    outlier_detection: None,
+                    health_check: None,
                     endpoints: vec![config::Endpoint {
                         address: addr,
                         identity: None,
@@ -98,9 +161,11 @@ impl Snapshot {
                     Some(t) if t.cluster.config == cc => t.cluster.clone(),
                     _ => Cluster::new(&cc),
                 };
+                let stack = route_stack(None, "inbound", &cluster, None, None);
                 Target {
                     cluster,
                     stats: RouteStats::new(&l.name, "inbound", &name),
+                    stack,
                 }
             });
             listeners.insert(
@@ -111,6 +176,10 @@ impl Snapshot {
                     forward,
                     unmatched: RouteStats::new(&l.name, "", ""),
                     access_log: l.access_log,
+                    rate_limit: l
+                        .rate_limit
+                        .as_ref()
+                        .map(|rl| TokenBucket::new(rl, "listener", &l.name)),
                 },
             );
         }

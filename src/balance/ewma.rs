@@ -3,21 +3,11 @@
 //! faster one lowers it with exponential decay. Lock-free: two atomics, and
 //! a racing update only loses one sample.
 
-use std::sync::OnceLock;
+use crate::clock::now_ns;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
-use tokio::time::Instant;
 
 const DECAY_NS: f64 = 10e9;
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn now_ns() -> u64 {
-    Instant::now().saturating_duration_since(epoch()).as_nanos() as u64
-}
 
 #[derive(Debug)]
 pub struct PeakEwma {

@@ -109,6 +109,60 @@ impl Lb {
     }
 }
 
+impl Lb {
+    /// Like `pick`, among the endpoints `allowed` accepts (at least one must).
+    pub fn pick_filtered(
+        &self,
+        eps: &[Arc<Endpoint>],
+        key: Option<u64>,
+        allowed: &dyn Fn(usize) -> bool,
+    ) -> usize {
+        if let Lb::RingHash { ring, .. } = self {
+            // Walk the ring from the key's point to the next allowed endpoint,
+            // so keys of a healthy endpoint never move.
+            if let (Some(k), false) = (key, ring.is_empty()) {
+                let start = ring.partition_point(|(h, _)| *h < k);
+                for j in 0..ring.len() {
+                    let i = ring[(start + j) % ring.len()].1 as usize;
+                    if allowed(i) {
+                        return i;
+                    }
+                }
+            }
+        }
+        let first = self.pick(eps, key);
+        if allowed(first) {
+            return first;
+        }
+        // Degraded path (some endpoints out): choose among the allowed ones.
+        let ok: Vec<usize> = (0..eps.len()).filter(|&i| allowed(i)).collect();
+        match ok.len() {
+            0 => first,
+            1 => ok[0],
+            n => match self {
+                Lb::RoundRobin(next) => ok[next.fetch_add(1, Relaxed) % n],
+                Lb::P2cEwma => {
+                    let (a, b) = two_distinct(n);
+                    if eps[ok[a]].load_cost() <= eps[ok[b]].load_cost() {
+                        ok[a]
+                    } else {
+                        ok[b]
+                    }
+                }
+                Lb::LeastRequest => {
+                    let (a, b) = two_distinct(n);
+                    if eps[ok[a]].in_flight() <= eps[ok[b]].in_flight() {
+                        ok[a]
+                    } else {
+                        ok[b]
+                    }
+                }
+                _ => ok[fastrand::usize(..n)],
+            },
+        }
+    }
+}
+
 fn two_distinct(n: usize) -> (usize, usize) {
     let a = fastrand::usize(..n);
     let mut b = fastrand::usize(..n - 1);
@@ -165,6 +219,7 @@ mod tests {
                     format!("127.0.0.1:{}", 10000 + i).parse().unwrap(),
                     "c",
                     PoolSettings::default(),
+                    crate::policy::circuit_breaker::Limits::new(&Default::default(), "c"),
                 )
             })
             .collect()
@@ -218,6 +273,41 @@ mod tests {
         }
         for c in counts {
             assert!((600..1400).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn filtered_picks_skip_what_is_not_allowed() {
+        let e = eps(4);
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::Random,
+            LbPolicy::P2cEwma,
+            LbPolicy::LeastRequest,
+        ] {
+            let lb = Lb::new(policy, None, &e);
+            for _ in 0..200 {
+                let i = lb.pick_filtered(&e, None, &|i| i != 1 && i != 2);
+                assert!(i == 0 || i == 3, "{policy:?} picked {i}");
+            }
+        }
+        let lb = Lb::new(
+            LbPolicy::RingHash,
+            Some(&HashOn {
+                header: Some("x".into()),
+                cookie: None,
+            }),
+            &e,
+        );
+        for k in 0..200u64 {
+            let key = Some(hash_bytes(&k.to_le_bytes()));
+            let normal = lb.pick(&e, key);
+            let filtered = lb.pick_filtered(&e, key, &|i| i != 1);
+            if normal != 1 {
+                assert_eq!(normal, filtered, "keys of healthy endpoints stay put");
+            } else {
+                assert_ne!(filtered, 1);
+            }
         }
     }
 

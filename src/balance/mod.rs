@@ -1,16 +1,28 @@
-//! Clusters: endpoint sets, the balancer that picks among them, and the
-//! per-endpoint connection pools.
+//! Clusters: endpoint sets, the balancer that picks among them (skipping
+//! ejected and unhealthy endpoints, and those a retry already tried), the
+//! per-endpoint connection pools, and active health checks.
 
 mod ewma;
+mod health;
 mod lb;
 mod pool;
 
 pub use lb::{Lb, hash_bytes};
 pub use pool::{Endpoint, PoolSettings, PooledBody, Proto, UpstreamError};
 
+use crate::body::{ReqBody, RespBody};
+use crate::clock::now_ns;
 use crate::config;
-use http::HeaderMap;
+use crate::policy::circuit_breaker::{Limit, Limits};
+use crate::policy::outlier::{Detector, EndpointHealth, Outcome};
+use crate::policy::retry::Tried;
+use crate::proxy::error::ProxyError;
+use http::{HeaderMap, Request, Response};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 #[derive(Debug)]
@@ -18,8 +30,24 @@ pub struct Cluster {
     pub name: String,
     pub config: config::Cluster,
     pub endpoints: Vec<Arc<Endpoint>>,
+    pub limits: Arc<Limits>,
     lb: Lb,
+    outlier: Option<Detector>,
 }
+
+impl std::fmt::Debug for Detector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Detector")
+    }
+}
+
+fn health(e: &Arc<Endpoint>) -> &EndpointHealth {
+    &e.health
+}
+
+/// The upstream address that served a response.
+#[derive(Clone, Copy, Debug)]
+pub struct Served(pub SocketAddr);
 
 impl Cluster {
     pub fn new(c: &config::Cluster) -> Arc<Cluster> {
@@ -28,31 +56,83 @@ impl Cluster {
             idle_timeout: c.idle_timeout.0,
             max_idle: c.max_idle_per_endpoint,
         };
+        let limits = Limits::new(&c.circuit_breaker, &c.name);
         let endpoints: Vec<_> = c
             .endpoints
             .iter()
-            .map(|e| Endpoint::new(e.address, &c.name, settings))
+            .map(|e| Endpoint::new(e.address, &c.name, settings, limits.clone()))
             .collect();
         let lb = Lb::new(c.lb, c.hash_on.as_ref(), &endpoints);
+        let outlier = c
+            .outlier_detection
+            .as_ref()
+            .map(|o| Detector::new(o, &c.name));
         let cluster = Arc::new(Cluster {
             name: c.name.clone(),
             config: c.clone(),
             endpoints,
+            limits,
             lb,
+            outlier,
         });
+        if let Some(d) = &cluster.outlier {
+            d.refresh(&cluster.endpoints, health);
+        } else {
+            crate::policy::outlier::refresh_gauges(
+                &["healthy", "ejected", "unhealthy"].map(|s| {
+                    crate::telemetry::metrics()
+                        .endpoints
+                        .with_label_values(&[&c.name, s])
+                }),
+                &cluster.endpoints,
+                health,
+            );
+        }
         if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(sweep_idle(Arc::downgrade(&cluster), c.idle_timeout.0));
+            tokio::spawn(maintain(Arc::downgrade(&cluster), c.idle_timeout.0));
+            if let Some(hc) = &c.health_check {
+                tokio::spawn(health::run(Arc::downgrade(&cluster), hc.clone()));
+            }
         }
         cluster
     }
 
-    /// Picks an endpoint for a request; `None` when the cluster has none.
-    pub fn pick(&self, headers: &HeaderMap) -> Option<&Arc<Endpoint>> {
-        if self.endpoints.is_empty() {
+    fn health_aware(&self) -> bool {
+        self.outlier.is_some() || self.config.health_check.is_some()
+    }
+
+    /// Picks an endpoint index, or `None` when the cluster has none.
+    pub fn pick(&self, headers: &HeaderMap, tried: Option<&Tried>) -> Option<usize> {
+        let eps = &self.endpoints;
+        if eps.is_empty() {
             return None;
         }
         let key = self.lb.hash_key(headers);
-        Some(&self.endpoints[self.lb.pick(&self.endpoints, key)])
+        let tried: Vec<SocketAddr> = tried.map(|t| t.0.lock().clone()).unwrap_or_default();
+        if !self.health_aware() && tried.is_empty() {
+            return Some(self.lb.pick(eps, key));
+        }
+        let now = now_ns();
+        let available = |i: usize| eps[i].health.available(now);
+        let n_available = if self.health_aware() {
+            (0..eps.len()).filter(|&i| available(i)).count()
+        } else {
+            eps.len()
+        };
+        // Panic mode: too few left to honour health (Envoy's panic threshold).
+        let panic = n_available == 0
+            || self
+                .outlier
+                .as_ref()
+                .is_some_and(|d| d.panic(n_available, eps.len()));
+        let healthy = |i: usize| panic || available(i);
+        let fresh = |i: usize| healthy(i) && !tried.contains(&eps[i].addr);
+        // A retry goes to an endpoint not tried yet when there is one.
+        if (0..eps.len()).any(fresh) {
+            Some(self.lb.pick_filtered(eps, key, &fresh))
+        } else {
+            Some(self.lb.pick_filtered(eps, key, &healthy))
+        }
     }
 
     /// The upstream protocol for a request that arrived as `downstream`.
@@ -63,16 +143,91 @@ impl Cluster {
             config::Protocol::Auto => downstream,
         }
     }
+
+    fn observe(&self, idx: usize, outcome: Outcome) {
+        if let Some(d) = &self.outlier {
+            d.observe(&self.endpoints, health, idx, outcome);
+        }
+    }
 }
 
-/// Closes idle upstream connections past their timeout; ends with the cluster.
-async fn sweep_idle(cluster: Weak<Cluster>, idle: Duration) {
-    let period = (idle / 2).max(Duration::from_millis(500));
+/// Closes idle upstream connections past their timeout and reviews
+/// ejections; ends with the cluster.
+async fn maintain(cluster: Weak<Cluster>, idle: Duration) {
+    let outlier_every = cluster
+        .upgrade()
+        .and_then(|c| c.outlier.as_ref().map(|d| d.interval()));
+    let mut period = (idle / 2).max(Duration::from_millis(500));
+    if let Some(o) = outlier_every {
+        period = period.min(o);
+    }
     loop {
         tokio::time::sleep(period).await;
         let Some(c) = cluster.upgrade() else { return };
         for e in &c.endpoints {
             e.sweep();
         }
+        if let Some(d) = &c.outlier {
+            d.sweep(&c.endpoints, health);
+        }
+    }
+}
+
+/// The innermost service of a route: the cluster's request limit, the
+/// pick, the exchange with the endpoint, and the outcome for outlier
+/// detection. The request arrives already rewritten for the upstream
+/// protocol (its version says which).
+#[derive(Clone)]
+pub struct ClusterService {
+    pub cluster: Arc<Cluster>,
+}
+
+impl tower::Service<Request<ReqBody>> for ClusterService {
+    type Response = Response<RespBody>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RespBody>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let cluster = self.cluster.clone();
+        Box::pin(async move {
+            let Some(permit) = cluster.limits.try_acquire(Limit::Requests) else {
+                return Err(ProxyError::Overloaded {
+                    limit: Limit::Requests.as_str(),
+                });
+            };
+            let tried = req.extensions().get::<Tried>().cloned();
+            let Some(idx) = cluster.pick(req.headers(), tried.as_ref()) else {
+                return Err(ProxyError::NoEndpoints(cluster.name.clone()));
+            };
+            let endpoint = cluster.endpoints[idx].clone();
+            if let Some(t) = &tried {
+                t.0.lock().push(endpoint.addr);
+            }
+            let proto = if req.version() == http::Version::HTTP_2 {
+                Proto::Http2
+            } else {
+                Proto::Http1
+            };
+            match endpoint.send(req, proto, Some(permit)).await {
+                Ok(resp) => {
+                    cluster.observe(idx, Outcome::Status(resp.status().as_u16()));
+                    let mut resp = resp.map(RespBody::Upstream);
+                    resp.extensions_mut().insert(Served(endpoint.addr));
+                    Ok(resp)
+                }
+                Err(e) => {
+                    match &e {
+                        UpstreamError::Overloaded(_) => {}
+                        e if e.is_connect() => cluster.observe(idx, Outcome::ConnectFailure),
+                        _ => cluster.observe(idx, Outcome::Reset),
+                    }
+                    Err(e.into())
+                }
+            }
+        })
     }
 }

@@ -10,6 +10,8 @@
 
 use super::ewma::PeakEwma;
 use crate::body::ReqBody;
+use crate::policy::circuit_breaker::{Limit, Limits, Permit};
+use crate::policy::outlier::EndpointHealth;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -24,6 +26,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +66,8 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("{} limit reached", .0.as_str())]
+    Overloaded(Limit),
 }
 
 impl UpstreamError {
@@ -72,6 +77,31 @@ impl UpstreamError {
             self,
             UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
         )
+    }
+
+    /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
+    pub fn is_refused_stream(&self) -> bool {
+        let UpstreamError::Request { source, .. } = self else {
+            return false;
+        };
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cur {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cur = e.source();
+        }
+        false
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            UpstreamError::Connect { addr, .. }
+            | UpstreamError::ConnectTimeout { addr, .. }
+            | UpstreamError::Handshake { addr, .. }
+            | UpstreamError::Request { addr, .. } => *addr,
+            UpstreamError::Overloaded(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
     }
 }
 
@@ -88,7 +118,6 @@ struct Idle {
 
 pub struct Endpoint {
     pub addr: SocketAddr,
-    cluster: Arc<str>,
     settings: PoolSettings,
     in_flight: AtomicU32,
     pub ewma: PeakEwma,
@@ -96,6 +125,11 @@ pub struct Endpoint {
     pub failures: AtomicU64,
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    /// Wakes requests waiting for a connection when one comes back.
+    returned: Notify,
+    limits: Arc<Limits>,
+    pub health: EndpointHealth,
+    connect_failures: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -107,10 +141,14 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, cluster: &str, settings: PoolSettings) -> Arc<Endpoint> {
+    pub fn new(
+        addr: SocketAddr,
+        cluster: &str,
+        settings: PoolSettings,
+        limits: Arc<Limits>,
+    ) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             addr,
-            cluster: cluster.into(),
             settings,
             in_flight: AtomicU32::new(0),
             // Unmeasured endpoints look free, so each is tried (and measured) at once.
@@ -119,6 +157,12 @@ impl Endpoint {
             failures: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            returned: Notify::new(),
+            limits,
+            health: EndpointHealth::default(),
+            connect_failures: crate::telemetry::metrics()
+                .upstream_connect_failures
+                .with_label_values(&[cluster]),
         })
     }
 
@@ -145,6 +189,7 @@ impl Endpoint {
         self: &Arc<Self>,
         req: Request<ReqBody>,
         proto: Proto,
+        permit: Option<Permit>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         self.in_flight.fetch_add(1, Relaxed);
         self.requests.fetch_add(1, Relaxed);
@@ -159,6 +204,7 @@ impl Endpoint {
                 sender,
                 done: false,
                 _in_flight: guard,
+                _permit: permit,
             })),
             Err(e) => {
                 self.failures.fetch_add(1, Relaxed);
@@ -179,7 +225,10 @@ impl Endpoint {
         loop {
             let (mut sender, fresh) = match self.checkout() {
                 Some(s) => (s, false),
-                None => (self.connect_h1().await?, true),
+                None => match self.h1_sender_or_permit().await? {
+                    Ok(s) => (s, false),
+                    Err(permit) => (self.connect_h1(permit).await?, true),
+                },
             };
             if let Err(source) = sender.ready().await {
                 if fresh {
@@ -262,6 +311,7 @@ impl Endpoint {
         }
         let mut idle = self.idle.lock();
         if idle.len() < self.settings.max_idle {
+            self.returned.notify_one();
             idle.push(Idle {
                 sender,
                 since: Instant::now(),
@@ -277,33 +327,57 @@ impl Endpoint {
             .retain(|i| !i.sender.is_closed() && i.since.elapsed() < limit);
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    async fn connect(&self, permit: Permit) -> Result<(TokioIo<TcpStream>, Permit), UpstreamError> {
         let addr = self.addr;
         let after = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(after, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => {
-                crate::telemetry::metrics()
-                    .upstream_connect_failures
-                    .with_label_values(&[&self.cluster])
-                    .inc();
+                self.connect_failures.inc();
                 return Err(UpstreamError::Connect { addr, source });
             }
             Err(_) => {
-                crate::telemetry::metrics()
-                    .upstream_connect_failures
-                    .with_label_values(&[&self.cluster])
-                    .inc();
+                self.connect_failures.inc();
                 return Err(UpstreamError::ConnectTimeout { addr, after });
             }
         };
         // Small request/response exchanges must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok((TokioIo::new(stream), permit))
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
-        let io = self.connect().await?;
+    /// A connection permit, or (HTTP/1) a wait for a pooled connection as
+    /// one of at most `max_pending` waiters.
+    async fn h1_sender_or_permit(
+        &self,
+    ) -> Result<Result<http1::SendRequest<ReqBody>, Permit>, UpstreamError> {
+        if let Some(p) = self.limits.try_acquire(Limit::Connections) {
+            return Ok(Err(p));
+        }
+        let Some(_pending) = self.limits.try_acquire(Limit::Pending) else {
+            return Err(UpstreamError::Overloaded(Limit::Pending));
+        };
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(s) = self.checkout() {
+                return Ok(Ok(s));
+            }
+            if self.limits.has_room(Limit::Connections)
+                && let Some(p) = self.limits.try_acquire(Limit::Connections)
+            {
+                return Ok(Err(p));
+            }
+            returned.await;
+        }
+    }
+
+    async fn connect_h1(
+        &self,
+        permit: Permit,
+    ) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
+        let (io, permit) = self.connect(permit).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -315,12 +389,17 @@ impl Endpoint {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream http1 connection ended");
             }
+            drop(permit);
         });
         Ok(sender)
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
-        let io = self.connect().await?;
+        let permit = self
+            .limits
+            .try_acquire(Limit::Connections)
+            .ok_or(UpstreamError::Overloaded(Limit::Connections))?;
+        let (io, permit) = self.connect(permit).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -334,6 +413,7 @@ impl Endpoint {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream http2 connection ended");
             }
+            drop(permit);
         });
         Ok(sender)
     }
@@ -359,6 +439,8 @@ pub struct PooledBody {
     sender: Option<PoolReturn>,
     done: bool,
     _in_flight: InFlight,
+    /// The cluster's request permit: held until the response is over.
+    _permit: Option<Permit>,
 }
 
 impl std::fmt::Debug for PooledBody {

@@ -7,8 +7,10 @@
 //! types once per snapshot.
 
 mod duration;
+mod policy;
 
 pub use duration::{Dur, parse_duration};
+pub use policy::*;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -106,6 +108,15 @@ pub struct Listener {
     /// Close downstream connections idle for this long.
     #[serde(default = "default_downstream_idle")]
     pub idle_timeout: Dur,
+    /// A request head not complete this long after the connection opened → 408.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Dur,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+fn default_header_read_timeout() -> Dur {
+    Dur::secs(10)
 }
 
 fn default_max_header_bytes() -> usize {
@@ -125,6 +136,15 @@ pub struct Route {
     #[serde(default, rename = "match")]
     pub matches: RouteMatch,
     pub backends: Vec<Backend>,
+    /// The whole request, retries included → 504.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -220,6 +240,12 @@ pub struct Cluster {
     /// Idle HTTP/1 connections kept per endpoint.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_endpoint: usize,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
 }
@@ -457,6 +483,80 @@ impl Config {
             if r.backends.is_empty() {
                 err(format!("{p}.backends"), "needs at least one backend".into());
             }
+            if r.timeout.is_some_and(|t| t.0.is_zero()) {
+                err(format!("{p}.timeout"), "must be greater than zero".into());
+            }
+            if let Some(rt) = &r.retry {
+                let rp = format!("{p}.retry");
+                if rt.attempts == 0 || rt.attempts > 10 {
+                    err(format!("{rp}.attempts"), "must be between 1 and 10".into());
+                }
+                if rt.per_try_timeout.is_some_and(|t| t.0.is_zero()) {
+                    err(
+                        format!("{rp}.per_try_timeout"),
+                        "must be greater than zero".into(),
+                    );
+                }
+                if rt.backoff.base.0 > rt.backoff.max.0 {
+                    err(format!("{rp}.backoff"), "base must not exceed max".into());
+                }
+                if !(0.0..=100.0).contains(&rt.budget.percent) {
+                    err(
+                        format!("{rp}.budget.percent"),
+                        "must be between 0 and 100".into(),
+                    );
+                }
+                if !(rt.budget.min_per_second >= 0.0 && rt.budget.min_per_second.is_finite()) {
+                    err(
+                        format!("{rp}.budget.min_per_second"),
+                        "must be zero or more".into(),
+                    );
+                }
+                if rt.on.contains(&RetryOn::RetriableStatusCodes)
+                    && rt.retriable_status_codes.is_empty()
+                {
+                    err(
+                        format!("{rp}.retriable_status_codes"),
+                        "is empty but `on` lists retriable-status-codes".into(),
+                    );
+                }
+                for (j, c) in rt.retriable_status_codes.iter().enumerate() {
+                    if !(100..=599).contains(c) {
+                        err(
+                            format!("{rp}.retriable_status_codes[{j}]"),
+                            format!("{c} is not an HTTP status"),
+                        );
+                    }
+                }
+            }
+            if let Some(rl) = &r.rate_limit {
+                check_rate_limit(&mut err, &format!("{p}.rate_limit"), rl);
+            }
+            if let Some(f) = &r.fault {
+                let fp = format!("{p}.fault");
+                if let Some(a) = &f.abort {
+                    if !(0.0..=100.0).contains(&a.percent) {
+                        err(
+                            format!("{fp}.abort.percent"),
+                            "must be between 0 and 100".into(),
+                        );
+                    }
+                    if !(200..=599).contains(&a.status) {
+                        err(
+                            format!("{fp}.abort.status"),
+                            format!("{} is not an HTTP status", a.status),
+                        );
+                    }
+                }
+                if let Some(d) = &f.delay
+                    && !(0.0..=100.0).contains(&d.percent)
+                {
+                    err(
+                        format!("{fp}.delay.percent"),
+                        "must be between 0 and 100".into(),
+                    );
+                }
+            }
             let mut total = 0u64;
             for (j, b) in r.backends.iter().enumerate() {
                 if !cluster_names.contains(b.cluster.as_str()) {
@@ -521,6 +621,60 @@ impl Config {
                     "must be greater than zero".into(),
                 );
             }
+            let cb = &c.circuit_breaker;
+            for (field, v) in [
+                ("max_connections", cb.max_connections),
+                ("max_requests", cb.max_requests),
+            ] {
+                if v == 0 {
+                    err(
+                        format!("{p}.circuit_breaker.{field}"),
+                        "must be at least 1".into(),
+                    );
+                }
+            }
+            if let Some(o) = &c.outlier_detection {
+                let op = format!("{p}.outlier_detection");
+                if o.max_ejection_percent > 100 {
+                    err(
+                        format!("{op}.max_ejection_percent"),
+                        "must be at most 100".into(),
+                    );
+                }
+                if o.panic_threshold > 100 {
+                    err(
+                        format!("{op}.panic_threshold"),
+                        "must be at most 100".into(),
+                    );
+                }
+                if o.interval.0.is_zero() || o.base_ejection.0.is_zero() {
+                    err(
+                        op.clone(),
+                        "interval and base_ejection must be greater than zero".into(),
+                    );
+                }
+                if o.base_ejection.0 > o.max_ejection.0 {
+                    err(
+                        format!("{op}.max_ejection"),
+                        "must not be less than base_ejection".into(),
+                    );
+                }
+            }
+            if let Some(h) = &c.health_check {
+                let hp = format!("{p}.health_check");
+                if !h.path.starts_with('/') {
+                    err(format!("{hp}.path"), "must start with `/`".into());
+                }
+                if h.interval.0.is_zero() || h.timeout.0.is_zero() {
+                    err(
+                        hp.clone(),
+                        "interval and timeout must be greater than zero".into(),
+                    );
+                }
+                if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+                    err(hp, "thresholds must be at least 1".into());
+                }
+            }
             let mut eps = HashSet::new();
             for (j, e) in c.endpoints.iter().enumerate() {
                 if !eps.insert(e.address) {
@@ -537,6 +691,18 @@ impl Config {
         } else {
             Err(ConfigErrors(errs))
         }
+    }
+}
+
+fn check_rate_limit(err: &mut impl FnMut(String, String), p: &str, rl: &RateLimit) {
+    if !(rl.requests_per_second > 0.0 && rl.requests_per_second.is_finite()) {
+        err(
+            format!("{p}.requests_per_second"),
+            "must be greater than zero".into(),
+        );
+    }
+    if rl.burst == Some(0) {
+        err(format!("{p}.burst"), "must be at least 1".into());
     }
 }
 

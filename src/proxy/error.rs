@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 pub const REASON: &str = "x-outrigger-reason";
+pub const ATTEMPTS: &str = "x-outrigger-attempts";
+pub const OVERLOADED: &str = "x-outrigger-overloaded";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -20,18 +22,74 @@ pub enum ProxyError {
     #[error("cluster {0} has no endpoints")]
     NoEndpoints(String),
     #[error(transparent)]
-    Upstream(#[from] UpstreamError),
+    Upstream(UpstreamError),
     #[error("request carries both content-length and transfer-encoding")]
     ConflictingFraming,
     #[error("request has no host")]
     MissingHost,
     #[error("listener is being removed")]
     ListenerGone,
+    #[error("{} timeout after {after:?}", kind.as_str())]
+    Timeout {
+        kind: TimeoutKind,
+        after: std::time::Duration,
+    },
+    #[error("circuit breaker open: {limit} limit reached")]
+    Overloaded { limit: &'static str },
+    #[error("rate limited")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("fault injected: abort with {status}")]
+    FaultAbort { status: u16 },
+    #[error("request head not received in time")]
+    HeaderTimeout,
+    #[error("reading the request body failed: {0}")]
+    ClientBody(hyper::Error),
+    #[error("{last} (after {attempts} attempts)")]
+    Attempts {
+        attempts: u32,
+        last: Box<ProxyError>,
+    },
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Overloaded(l) => ProxyError::Overloaded { limit: l.as_str() },
+            e => ProxyError::Upstream(e),
+        }
+    }
+}
+
+/// Which timeout fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// The route timeout (or a shorter `grpc-timeout`), across retries.
+    Route,
+    /// One attempt.
+    PerTry,
+}
+
+impl TimeoutKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutKind::Route => "route",
+            TimeoutKind::PerTry => "per-try",
+        }
+    }
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Attempts { last, .. } => last.status(),
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::FaultAbort { status } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoints(_) | ProxyError::ListenerGone => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -45,12 +103,27 @@ impl ProxyError {
     /// Short, stable token for the reason header, logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
+            ProxyError::Attempts { last, .. } => last.reason(),
+            ProxyError::Timeout {
+                kind: TimeoutKind::Route,
+                ..
+            } => "timeout",
+            ProxyError::Timeout {
+                kind: TimeoutKind::PerTry,
+                ..
+            } => "per-try-timeout",
+            ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::FaultAbort { .. } => "fault-injected",
+            ProxyError::HeaderTimeout => "header-timeout",
+            ProxyError::ClientBody(_) => "client-body-error",
             ProxyError::NoRoute => "no-route",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Upstream(UpstreamError::Connect { .. }) => "connect-failure",
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect-timeout",
             ProxyError::Upstream(UpstreamError::Handshake { .. }) => "upstream-handshake",
             ProxyError::Upstream(UpstreamError::Request { .. }) => "upstream-reset",
+            ProxyError::Upstream(UpstreamError::Overloaded(_)) => "overloaded",
             ProxyError::ConflictingFraming => "conflicting-framing",
             ProxyError::MissingHost => "missing-host",
             ProxyError::ListenerGone => "listener-gone",
@@ -63,7 +136,24 @@ impl ProxyError {
             StatusCode::NOT_FOUND => "12",
             StatusCode::BAD_REQUEST => "13",
             StatusCode::GATEWAY_TIMEOUT => "4",
+            StatusCode::TOO_MANY_REQUESTS => "8",
             _ => "14",
+        }
+    }
+
+    /// Attempts made, when a retry policy was involved.
+    pub fn attempts(&self) -> Option<u32> {
+        match self {
+            ProxyError::Attempts { attempts, .. } => Some(*attempts),
+            _ => None,
+        }
+    }
+
+    /// The error of the last attempt.
+    pub fn root(&self) -> &ProxyError {
+        match self {
+            ProxyError::Attempts { last, .. } => last.root(),
+            e => e,
         }
     }
 }
@@ -89,6 +179,27 @@ pub fn is_grpc(headers: &http::HeaderMap) -> bool {
 
 /// Builds the response for `err`.
 pub fn to_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
+    let mut r = body_response(err, grpc);
+    let h = r.headers_mut();
+    if let Some(n) = err.attempts() {
+        h.insert(ATTEMPTS, HeaderValue::from(n));
+    }
+    match err.root() {
+        ProxyError::Overloaded { .. } => {
+            h.insert(OVERLOADED, HeaderValue::from_static("true"));
+        }
+        ProxyError::RateLimited { retry_after_secs } => {
+            h.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(*retry_after_secs),
+            );
+        }
+        _ => {}
+    }
+    r
+}
+
+fn body_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
     let reason = HeaderValue::from_static(err.reason());
     if grpc {
         let mut r = Response::new(RespBody::empty());

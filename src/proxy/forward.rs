@@ -7,7 +7,7 @@
 use super::error::{ProxyError, Routed};
 use super::headers;
 use super::{ConnInfo, RouteMeta};
-use crate::balance::Proto;
+use crate::balance::{Proto, Served};
 use crate::body::{ReqBody, RespBody};
 use crate::config::Role;
 use crate::telemetry::metrics;
@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
+use tower::ServiceExt;
 
 /// The innermost service of a downstream connection.
 #[derive(Clone)]
@@ -70,6 +71,9 @@ async fn forward(
         .listeners
         .get(&conn.listener.name)
         .ok_or(ProxyError::ListenerGone)?;
+    if let Some(bucket) = &routes.rate_limit {
+        bucket.try_acquire()?;
+    }
     let host = headers::authority(&req).unwrap_or("");
     let target = match routes
         .table
@@ -89,22 +93,13 @@ async fn forward(
         upstream: None,
         error: None,
     };
-    let cluster = &target.cluster;
-    let Some(endpoint) = cluster.pick(req.headers()) else {
-        return Err(Routed {
-            error: ProxyError::NoEndpoints(cluster.name.clone()),
-            meta: Some(meta),
-        });
-    };
-    let endpoint = endpoint.clone();
-    meta.upstream = Some(endpoint.addr);
 
     let upgrade = downstream == Proto::Http1 && headers::wants_upgrade(req.headers());
     // Upgrades are an HTTP/1.1 mechanism: they go upstream over HTTP/1.1.
     let proto = if upgrade {
         Proto::Http1
     } else {
-        cluster.proto(downstream)
+        target.cluster.proto(downstream)
     };
     let authority = match proto {
         Proto::Http2 if req.uri().authority().is_none() => {
@@ -127,21 +122,23 @@ async fn forward(
     }
     let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let req = req.map(ReqBody::from);
-    let mut resp = match endpoint.send(req, proto).await {
+    let mut resp = match target.stack.clone().oneshot(req.map(ReqBody::from)).await {
         Ok(r) => r,
-        Err(e) => {
+        Err(error) => {
             return Err(Routed {
-                error: e.into(),
+                error,
                 meta: Some(meta),
             });
         }
     };
+    meta.upstream = resp.extensions().get::<Served>().map(|s| s.0);
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = down_upgrade {
             let up = hyper::upgrade::on(&mut resp);
-            resp.body_mut().forget_connection();
+            if let RespBody::Upstream(body) = resp.body_mut() {
+                body.forget_connection();
+            }
             tokio::spawn(async move {
                 match tokio::try_join!(down, up) {
                     Ok((d, u)) => {
@@ -155,12 +152,10 @@ async fn forward(
                 }
             });
         }
-        let mut resp = resp.map(RespBody::Upstream);
         resp.extensions_mut().insert(meta);
         return Ok(resp);
     }
 
-    let mut resp = resp.map(RespBody::Upstream);
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     *resp.version_mut() = match downstream {
         Proto::Http1 => http::Version::HTTP_11,

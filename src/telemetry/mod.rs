@@ -23,6 +23,14 @@ pub struct Metrics {
     pub config_version: IntGauge,
     pub feed_updates: IntCounterVec,
     pub upstream_connect_failures: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub retry_budget_exhausted: IntCounterVec,
+    pub timeouts: IntCounterVec,
+    pub cb_rejections: IntCounterVec,
+    pub outlier_ejections: IntCounterVec,
+    pub endpoints: IntGaugeVec,
+    pub rate_limited: IntCounterVec,
+    pub faults: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -82,6 +90,55 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["cluster"],
     )?;
+    let counter =
+        |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+    let retries = counter(
+        "outrigger_retries_total",
+        "Retries sent, by route and what was retried.",
+        &["route", "reason"],
+    )?;
+    let retry_budget_exhausted = counter(
+        "outrigger_retry_budget_exhausted_total",
+        "Retries not sent because the route's retry budget was spent.",
+        &["route"],
+    )?;
+    let timeouts = counter(
+        "outrigger_timeouts_total",
+        "Timeouts fired, by route and kind (route, per-try).",
+        &["route", "kind"],
+    )?;
+    let cb_rejections = counter(
+        "outrigger_circuit_breaker_rejections_total",
+        "Requests refused at once by a cluster's circuit breaker, by limit.",
+        &["cluster", "limit"],
+    )?;
+    let outlier_ejections = counter(
+        "outrigger_outlier_ejections_total",
+        "Endpoints ejected by outlier detection, by reason.",
+        &["cluster", "reason"],
+    )?;
+    let rate_limited = counter(
+        "outrigger_rate_limited_total",
+        "Requests answered 429 by a local rate limit.",
+        &["scope", "name"],
+    )?;
+    let faults = counter(
+        "outrigger_faults_injected_total",
+        "Faults injected, by route and kind (abort, delay).",
+        &["route", "kind"],
+    )?;
+    let endpoints = IntGaugeVec::new(
+        Opts::new(
+            "outrigger_endpoints",
+            "Endpoints per cluster by state (healthy, ejected, unhealthy).",
+        ),
+        &["cluster", "state"],
+    )?;
+    registry.register(Box::new(endpoints.clone()))?;
     registry.register(Box::new(requests.clone()))?;
     registry.register(Box::new(duration.clone()))?;
     registry.register(Box::new(connections.clone()))?;
@@ -107,6 +164,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         config_version,
         feed_updates,
         upstream_connect_failures,
+        retries,
+        retry_budget_exhausted,
+        timeouts,
+        cb_rejections,
+        outlier_ejections,
+        endpoints,
+        rate_limited,
+        faults,
     })
 }
 

@@ -1,0 +1,235 @@
+//! Timeout layer: the route timeout (the whole request, retries included,
+//! shortened by a gRPC client's `grpc-timeout`) or the per-try timeout.
+//! Fires `ProxyError::Timeout`, which the error layer answers with 504, or
+//! for gRPC with `grpc-status: 4` (DEADLINE_EXCEEDED).
+
+use crate::proxy::error::{ProxyError, TimeoutKind};
+use http::{HeaderMap, Request};
+use prometheus::IntCounter;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct TimeoutLayer {
+    after: Option<Duration>,
+    kind: TimeoutKind,
+    fired: Option<IntCounter>,
+}
+
+impl TimeoutLayer {
+    pub fn new(after: Option<Duration>, kind: TimeoutKind, route: &str) -> Self {
+        let fired = crate::telemetry::metrics()
+            .timeouts
+            .with_label_values(&[route, kind.as_str()]);
+        TimeoutLayer {
+            after,
+            kind,
+            fired: Some(fired),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    layer: TimeoutLayer,
+}
+
+/// Parses `grpc-timeout` (gRPC over HTTP/2: value and unit H, M, S, m, u, n).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.as_bytes();
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(num).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+impl<S, B, R> tower::Service<Request<B>> for Timeout<S>
+where
+    S: tower::Service<Request<B>, Response = R, Error = ProxyError>,
+{
+    type Response = R;
+    type Error = ProxyError;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let grpc = match self.layer.kind {
+            TimeoutKind::Route => grpc_timeout(req.headers()),
+            TimeoutKind::PerTry => None,
+        };
+        let after = match (self.layer.after, grpc) {
+            (Some(a), Some(g)) => Some(a.min(g)),
+            (a, g) => a.or(g),
+        };
+        TimeoutFuture {
+            inner: self.inner.call(req),
+            sleep: after.map(tokio::time::sleep),
+            after: after.unwrap_or_default(),
+            kind: self.layer.kind,
+            fired: self.layer.fired.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner future raced against a timer; no timer when none applies.
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        after: Duration,
+        kind: TimeoutKind,
+        fired: Option<IntCounter>,
+    }
+}
+
+impl<F, R> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<R, ProxyError>>,
+{
+    type Output = Result<R, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.inner.poll(cx) {
+            return Poll::Ready(r);
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut()
+            && sleep.poll(cx).is_ready()
+        {
+            if let Some(c) = this.fired {
+                c.inc();
+            }
+            return Poll::Ready(Err(ProxyError::Timeout {
+                kind: *this.kind,
+                after: *this.after,
+            }));
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Service, ServiceExt};
+
+    fn slow(
+        d: Duration,
+    ) -> impl Service<Request<()>, Response = &'static str, Error = ProxyError, Future: Send> + Clone
+    {
+        tower::service_fn(move |_req: Request<()>| async move {
+            tokio::time::sleep(d).await;
+            Ok::<_, ProxyError>("done")
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_after_the_route_timeout() {
+        let mut svc = tower::Layer::layer(
+            &TimeoutLayer::new(Some(Duration::from_millis(100)), TimeoutKind::Route, "t1"),
+            slow(Duration::from_secs(5)),
+        );
+        let r = svc.ready().await.unwrap().call(Request::new(())).await;
+        assert!(matches!(
+            r,
+            Err(ProxyError::Timeout {
+                kind: TimeoutKind::Route,
+                ..
+            })
+        ));
+        let mut fast = tower::Layer::layer(
+            &TimeoutLayer::new(Some(Duration::from_millis(100)), TimeoutKind::Route, "t1"),
+            slow(Duration::from_millis(10)),
+        );
+        assert_eq!(
+            fast.ready()
+                .await
+                .unwrap()
+                .call(Request::new(()))
+                .await
+                .unwrap(),
+            "done"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grpc_timeout_shortens_the_route_timeout() {
+        let mut svc = tower::Layer::layer(
+            &TimeoutLayer::new(Some(Duration::from_secs(10)), TimeoutKind::Route, "t2"),
+            slow(Duration::from_secs(1)),
+        );
+        let req = Request::builder()
+            .header("grpc-timeout", "200m")
+            .body(())
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let r = svc.ready().await.unwrap().call(req).await;
+        assert!(matches!(r, Err(ProxyError::Timeout { .. })));
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        // no route timeout: grpc-timeout alone applies
+        let mut svc = tower::Layer::layer(
+            &TimeoutLayer::new(None, TimeoutKind::Route, "t2"),
+            slow(Duration::from_secs(3)),
+        );
+        let req = Request::builder()
+            .header("grpc-timeout", "1S")
+            .body(())
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        assert!(svc.ready().await.unwrap().call(req).await.is_err());
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        // per-try timeouts ignore grpc-timeout
+        let mut svc = tower::Layer::layer(
+            &TimeoutLayer::new(None, TimeoutKind::PerTry, "t2"),
+            slow(Duration::from_secs(3)),
+        );
+        let req = Request::builder()
+            .header("grpc-timeout", "1S")
+            .body(())
+            .unwrap();
+        assert!(svc.ready().await.unwrap().call(req).await.is_ok());
+    }
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(h("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(h("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(h("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(h("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(h("x"), None);
+        assert_eq!(h("123456789S"), None);
+    }
+}
