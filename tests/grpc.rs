@@ -112,3 +112,30 @@ clusters:
     let out = grpc_client("error", p.addr("out"), "nowhere.grpc");
     assert_eq!(out["code"], "UNIMPLEMENTED", "{out}");
 }
+
+#[test]
+fn grpc_deadline_is_answered_with_deadline_exceeded() {
+    let server = grpc_server();
+    let yaml = format!(
+        r#"
+listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]
+routes:
+  - {{ name: grpc, match: {{ host: echo.grpc }}, backends: [ {{ cluster: echo }} ], timeout: 300ms }}
+clusters:
+  - {{ name: echo, protocol: http2, endpoints: [ {{ address: 127.0.0.1:{} }} ] }}
+"#,
+        server.1
+    );
+    let p = ProxyProc::start(&yaml);
+    // The client allows 10 s; the route allows 300 ms: the proxy answers first.
+    let out = grpc_client("slow", p.addr("out"), "echo.grpc");
+    assert_eq!(out["code"], "DEADLINE_EXCEEDED", "{out}");
+    assert_eq!(out["details"], "timeout");
+    assert_eq!(
+        p.metric(
+            "outrigger_timeouts_total",
+            &["route=\"grpc\"", "kind=\"route\""]
+        ),
+        Some(1.0)
+    );
+}

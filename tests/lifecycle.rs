@@ -29,6 +29,7 @@ async fn drains_in_flight_requests(trigger: impl FnOnce(&ProxyProc)) {
         UpstreamOpts {
             delay: Some(Duration::from_millis(700)),
             status: None,
+            ..Default::default()
         },
     )
     .await;
@@ -103,6 +104,7 @@ async fn drain_deadline_ends_a_drain_that_would_never_finish() {
         UpstreamOpts {
             delay: Some(Duration::from_secs(600)),
             status: None,
+            ..Default::default()
         },
     )
     .await;

@@ -187,6 +187,7 @@ async fn p2c_ewma_and_least_request_steer_away_from_a_slow_endpoint() {
         UpstreamOpts {
             delay: Some(std::time::Duration::from_millis(50)),
             status: None,
+            ..Default::default()
         },
     )
     .await;

@@ -138,6 +138,7 @@ fn clusters_json(p: &Proxy) -> String {
         .filter_map(|l| l.forward.as_ref().map(|t| &t.cluster))
         .collect();
     all.append(&mut inbound);
+    let now = crate::clock::now_ns();
     let clusters: Vec<_> = all
         .iter()
         .map(|c| {
@@ -147,7 +148,7 @@ fn clusters_json(p: &Proxy) -> String {
                 .map(|e| {
                     json!({
                         "address": e.addr.to_string(),
-                        "state": "healthy",
+                        "state": e.health.state(now),
                         "in_flight": e.in_flight(),
                         "ewma_ms": e.ewma.get_ns() / 1e6,
                         "requests": e.requests.load(SeqCst),

@@ -119,6 +119,11 @@ where
                     status,
                     duration_ms = elapsed.as_secs_f64() * 1e3,
                     upstream = meta.and_then(|m| m.upstream).map(|a| a.to_string()).unwrap_or_default(),
+                    attempts = resp
+                        .headers()
+                        .get(crate::proxy::error::ATTEMPTS)
+                        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+                        .unwrap_or(1),
                     flags = meta.and_then(|m| m.error).unwrap_or(""),
                     "access"
                 );

@@ -8,7 +8,13 @@
 //! end of the first head, then steps aside. Later requests on the same
 //! connection are covered by hyper closing any connection that carried
 //! both, and by the service's own check when both survive into the map.
+//!
+//! It also bounds how long the first head may take (slowloris): past
+//! `header_read_timeout` it answers 408 itself and ends the connection.
+//! One timer per connection, none per request; later requests on a
+//! keep-alive connection are bounded by the listener's idle timeout.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,15 +27,21 @@ pub struct FramingWatch<T> {
     head: Option<Vec<u8>>,
     limit: usize,
     pub conflict: Arc<AtomicBool>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    pub timed_out: Arc<AtomicBool>,
 }
 
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\nx-outrigger-reason: header-timeout\r\n\r\n";
+
 impl<T> FramingWatch<T> {
-    pub fn new(inner: T, limit: usize) -> Self {
+    pub fn new(inner: T, limit: usize, header_timeout: Option<std::time::Duration>) -> Self {
         FramingWatch {
             inner,
             head: Some(Vec::new()),
             limit,
             conflict: Arc::default(),
+            deadline: header_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
+            timed_out: Arc::default(),
         }
     }
 
@@ -40,12 +52,14 @@ impl<T> FramingWatch<T> {
         head.extend_from_slice(new);
         if head.starts_with(b"PRI ") {
             self.head = None; // HTTP/2 preface: binary frames follow.
+            self.deadline = None;
             return;
         }
         let end = find(head, b"\r\n\r\n");
         if end.is_none() && head.len() < self.limit {
             return;
         }
+        self.deadline = None;
         let head = self.head.take().unwrap_or_default();
         let head = &head[..end.unwrap_or(head.len())];
         let (mut te, mut cl) = (false, false);
@@ -67,13 +81,23 @@ fn starts_with_ci(line: &[u8], prefix: &[u8]) -> bool {
     line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for FramingWatch<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FramingWatch<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(d) = this.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            // Best effort: the socket is idle, so the short answer fits its buffer.
+            let _ = Pin::new(&mut this.inner).poll_write(cx, REQUEST_TIMEOUT);
+            this.deadline = None;
+            this.head = None;
+            this.timed_out.store(true, Ordering::Relaxed);
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if this.head.is_some() && matches!(r, Poll::Ready(Ok(()))) {
@@ -115,7 +139,7 @@ mod tests {
     use super::*;
 
     fn check(parts: &[&[u8]]) -> bool {
-        let mut w = FramingWatch::new((), 65536);
+        let mut w = FramingWatch::new((), 65536, None);
         for p in parts {
             w.inspect(p);
         }

@@ -68,6 +68,7 @@ pub struct ListenerInfo {
     pub unmatched: Arc<RouteStats>,
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
+    pub header_read_timeout: Duration,
 }
 
 pub struct ConnInfo {
@@ -217,6 +218,7 @@ impl Proxy {
                 unmatched: RouteStats::new(&l.name, "", ""),
                 max_header_bytes: l.max_header_bytes,
                 idle_timeout: l.idle_timeout.0,
+                header_read_timeout: l.header_read_timeout.0,
             });
             // Export the listener's series at 0 from the start, not from its first connection.
             let m = metrics();
@@ -367,8 +369,13 @@ async fn serve_connection(
         gauge,
     };
     let _ = stream.set_nodelay(true);
-    let stream = framing::FramingWatch::new(stream, info.max_header_bytes);
+    let stream = framing::FramingWatch::new(
+        stream,
+        info.max_header_bytes,
+        Some(info.header_read_timeout),
+    );
     let framing_conflict = stream.conflict.clone();
+    let header_timed_out = stream.timed_out.clone();
 
     let conn_info = Arc::new(ConnInfo {
         listener: info.clone(),
@@ -412,7 +419,12 @@ async fn serve_connection(
             conn.await
         }
     };
-    if let Err(e) = result {
+    if header_timed_out.load(SeqCst) {
+        m.bad_requests
+            .with_label_values(&[&info.name, "header-timeout"])
+            .inc();
+        tracing::debug!(listener = %info.name, %peer, "request head timed out (408)");
+    } else if let Err(e) = result {
         let reason = classify(e.as_ref());
         if let Some(reason) = reason {
             m.bad_requests

@@ -17,6 +17,12 @@ def unary(request, context):
     return b"echo:" + request
 
 
+def slow(request, context):
+    import time
+    time.sleep(3)
+    return b"late"
+
+
 def stream(request, context):
     for i in range(int(request.decode())):
         yield b"msg-%d" % i
@@ -28,6 +34,7 @@ def server():
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
         },
     )
     from concurrent import futures
@@ -59,10 +66,10 @@ def client(target, authority):
     print(json.dumps(out), flush=True)
 
 
-def client_error(target, authority):
+def client_error(target, authority, method="Unary"):
     ch = grpc.insecure_channel(target, options=[("grpc.default_authority", authority)])
     try:
-        ch.unary_unary("/demo.Echo/Unary")(b"x", timeout=10)
+        ch.unary_unary("/demo.Echo/" + method)(b"x", timeout=10)
         print(json.dumps({"code": "OK"}))
     except grpc.RpcError as e:
         print(json.dumps({"code": e.code().name, "details": e.details()}), flush=True)
@@ -74,5 +81,7 @@ if __name__ == "__main__":
         server()
     elif mode == "client":
         client(sys.argv[2], sys.argv[3])
+    elif mode == "slow":
+        client_error(sys.argv[2], sys.argv[3], "Slow")
     else:
         client_error(sys.argv[2], sys.argv[3])

@@ -33,6 +33,8 @@ pub struct UpstreamOpts {
     pub delay: Option<Duration>,
     /// Answer every request with this status.
     pub status: Option<u16>,
+    /// (n, status): every n-th request (the 1st, the n+1-th, ...) gets `status`.
+    pub fail_every: Option<(usize, u16)>,
 }
 
 #[derive(Clone)]
@@ -115,7 +117,7 @@ impl Upstream {
     }
 
     async fn handle(&self, mut req: Request<Incoming>, opts: &UpstreamOpts) -> Response<Body> {
-        self.hits.fetch_add(1, Ordering::SeqCst);
+        let n = self.hits.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push(Seen {
             method: req.method().to_string(),
             path: req.uri().path().to_string(),
@@ -126,7 +128,23 @@ impl Upstream {
             tokio::time::sleep(d).await;
         }
         let path = req.uri().path().to_string();
-        let mut resp = if let Some(code) = opts.status {
+        let fail = match opts.fail_every {
+            Some((every, code)) if n.is_multiple_of(every) => Some(code),
+            _ => opts.status,
+        };
+        let mut resp = if let (Some(code), "/sink") = (fail, path.as_str()) {
+            // Read the whole body before failing, to tell what arrived.
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes().len())
+                .unwrap_or(0);
+            let mut r = Response::new(full(format!("{} says {code}", self.name)));
+            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            r.headers_mut().insert("x-received", n.into());
+            r
+        } else if let Some(code) = fail {
             let mut r = Response::new(full(format!("{} says {code}", self.name)));
             *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
             r
