@@ -30,7 +30,13 @@ pub enum DemoError {
     Run(#[from] run::RunError),
 }
 
-const APPS: [(&str, u16); 3] = [("hello-1", 18081), ("hello-2", 18082), ("echo", 18083)];
+const APPS: [(&str, u16); 5] = [
+    ("hello-1", 18081),
+    ("hello-2", 18082),
+    ("echo", 18083),
+    ("flaky", 18084),
+    ("slow", 18085),
+];
 
 pub async fn run(opts: &Options) -> Result<(), DemoError> {
     let config = Config::from_yaml(DEMO_CONFIG)?;
@@ -109,7 +115,7 @@ async fn serve_app(l: TcpListener, name: &'static str) {
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| async move {
-                Ok::<_, std::convert::Infallible>(app(name, req))
+                Ok::<_, std::convert::Infallible>(app(name, req).await)
             });
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -118,7 +124,21 @@ async fn serve_app(l: TcpListener, name: &'static str) {
     }
 }
 
-fn app(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn app(name: &'static str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    static FLAKY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    match name {
+        "flaky"
+            if FLAKY
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(3) =>
+        {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"flaky: failed\n")));
+            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            return r;
+        }
+        "slow" => tokio::time::sleep(std::time::Duration::from_secs(2)).await,
+        _ => {}
+    }
     let mut body = format!(
         "{name}: {} {} {:?}\n",
         req.method(),

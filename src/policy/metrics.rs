@@ -43,6 +43,21 @@ pub struct Metrics<S> {
     listener: Arc<ListenerInfo>,
 }
 
+/// Access-log flags: what went wrong (`timeout`, `circuit_open`, ...) and `retry`.
+fn flags(error: Option<&'static str>, attempts: u32) -> String {
+    let mut f = String::new();
+    if let Some(e) = error {
+        f.push_str(if e == "overloaded" { "circuit_open" } else { e });
+    }
+    if attempts > 1 {
+        if !f.is_empty() {
+            f.push(',');
+        }
+        f.push_str("retry");
+    }
+    f
+}
+
 /// What the access log needs of the request, captured before it moves on.
 struct Access {
     method: http::Method,
@@ -108,6 +123,11 @@ where
             let status = resp.status().as_u16();
             stats.record(status, elapsed.as_secs_f64());
             if let Some(a) = this.access.take() {
+                let attempts = resp
+                    .headers()
+                    .get(crate::proxy::error::ATTEMPTS)
+                    .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+                    .unwrap_or(1);
                 tracing::info!(
                     target: "outrigger::access",
                     listener = %this.listener.name,
@@ -119,12 +139,8 @@ where
                     status,
                     duration_ms = elapsed.as_secs_f64() * 1e3,
                     upstream = meta.and_then(|m| m.upstream).map(|a| a.to_string()).unwrap_or_default(),
-                    attempts = resp
-                        .headers()
-                        .get(crate::proxy::error::ATTEMPTS)
-                        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
-                        .unwrap_or(1),
-                    flags = meta.and_then(|m| m.error).unwrap_or(""),
+                    attempts,
+                    flags = %flags(meta.and_then(|m| m.error), attempts),
                     "access"
                 );
             }
