@@ -157,3 +157,32 @@ async fn invalid_edit_is_counted_and_the_old_config_keeps_serving() {
     assert!(p.reload(&two_cluster_yaml(&a, &b, "b")));
     assert_eq!(get(&c, "svc", "/").await.text(), "b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_listeners() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let base = two_cluster_yaml(&a, &b, "a");
+    let p = ProxyProc::start(&base);
+    let with_extra = base.replace(
+        "listeners: [ { name: out, role: outbound, address: 127.0.0.1:0 } ]",
+        "listeners: [ { name: out, role: outbound, address: 127.0.0.1:0 }, { name: extra, role: outbound, address: 127.0.0.1:0 } ]",
+    );
+    assert!(p.reload(&with_extra));
+    let line = p.wait_log(|l| l.contains("\"listening\"") && l.contains("\"extra\""));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let extra: std::net::SocketAddr = v["fields"]["address"].as_str().unwrap().parse().unwrap();
+    assert_eq!(get(&TestClient::h1(extra), "svc", "/").await.text(), "a");
+    // The old listener kept serving throughout.
+    assert_eq!(
+        get(&TestClient::h1(p.addr("out")), "svc", "/").await.text(),
+        "a"
+    );
+    assert!(p.reload(&base));
+    p.wait_log(|l| l.contains("listener removed") && l.contains("extra"));
+    p.wait_log(|l| l.contains("stopped accepting") && l.contains("extra"));
+    assert!(
+        std::net::TcpStream::connect(extra).is_err(),
+        "removed listener still accepts"
+    );
+}

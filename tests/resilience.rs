@@ -423,3 +423,88 @@ async fn fault_injection_aborts_about_half_and_delays_on_request() {
         Some(aborted + 1)
     );
 }
+
+/// Polls the admin `/clusters` document until `pred` holds.
+async fn until_clusters(p: &ProxyProc, pred: impl Fn(&serde_json::Value) -> bool) {
+    let admin = p.admin;
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let body = tokio::task::spawn_blocking(move || http_get_raw(admin, "/clusters").1)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if pred(&v) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "state never reached: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_a_failing_endpoint_out() {
+    let good = Upstream::start("good").await;
+    let sick = Upstream::with("sick", opts(|o| o.status = Some(503))).await;
+    let p = ProxyProc::start(&one_route(
+        "",
+        ", health_check: { path: /healthz, interval: 50ms, unhealthy_threshold: 2, healthy_threshold: 1 }",
+        &[&good, &sick],
+    ));
+    until_clusters(&p, |v| {
+        v["clusters"][0]["endpoints"][1]["state"] == "unhealthy"
+    })
+    .await;
+    assert_eq!(sick.last().path, "/healthz");
+    let c = TestClient::h1(p.addr("out"));
+    for _ in 0..20 {
+        assert_eq!(get(&c, "svc", "/").await.text(), "good");
+    }
+    assert_eq!(
+        p.metric(
+            "outrigger_endpoints",
+            &["cluster=\"c\"", "state=\"unhealthy\""]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_pending_limits_queue_one_and_refuse_the_next() {
+    let slow = Upstream::with("slow", opts(|o| o.delay = Some(Duration::from_millis(500)))).await;
+    let p = ProxyProc::start(&one_route(
+        "",
+        ", protocol: http1, circuit_breaker: { max_connections: 1, max_pending: 1 }",
+        &[&slow],
+    ));
+    let addr = p.addr("out");
+    let call =
+        move || tokio::spawn(async move { get(&TestClient::h1(addr), "svc", "/").await.status });
+    let first = call();
+    until_clusters(&p, |v| {
+        v["clusters"][0]["connections"] == 1 && v["clusters"][0]["requests"] == 1
+    })
+    .await;
+    let second = call();
+    until_clusters(&p, |v| v["clusters"][0]["pending"] == 1).await;
+    // One connection busy, one request waiting for it: the next is refused at once.
+    let r = get(&TestClient::h1(addr), "svc", "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-outrigger-overloaded"), Some("true"));
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(
+        second.await.unwrap(),
+        200,
+        "the pending request got the connection when it came back"
+    );
+    assert_eq!(
+        p.metric(
+            "outrigger_circuit_breaker_rejections_total",
+            &["limit=\"pending\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(slow.hits(), 2);
+}

@@ -157,10 +157,15 @@ fn clusters_json(p: &Proxy) -> String {
                     })
                 })
                 .collect();
+            use crate::policy::circuit_breaker::Limit;
             json!({
                 "name": c.name,
                 "lb": c.config.lb,
                 "protocol": c.config.protocol,
+                "connections": c.limits.used(Limit::Connections),
+                "pending": c.limits.used(Limit::Pending),
+                "requests": c.limits.used(Limit::Requests),
+                "retries": c.limits.used(Limit::Retries),
                 "endpoints": endpoints,
             })
         })
