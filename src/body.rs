@@ -2,7 +2,7 @@
 //! back downstream. Plain enums rather than boxed trait objects, so the hot
 //! path neither allocates nor dispatches dynamically for a body.
 
-use crate::balance::PooledBody;
+use crate::balance::{BoxError, PooledBody};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -175,12 +175,12 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RespBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             RespBody::Bytes(b) => Poll::Ready(

@@ -508,3 +508,27 @@ async fn connection_and_pending_limits_queue_one_and_refuse_the_next() {
     );
     assert_eq!(slow.hits(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_stream_is_reset_after_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    let up = Upstream::start("app").await;
+    let yaml = one_route("", "", &[&up]).replace("access_log: true", "stream_idle_timeout: 200ms");
+    let p = ProxyProc::start(&yaml);
+    for c in [TestClient::h2(p.addr("out")), TestClient::h1(p.addr("out"))] {
+        let req = http::Request::builder()
+            .uri("/stall")
+            .header("host", "svc")
+            .body(Default::default())
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = tokio::time::timeout(READY_TIMEOUT, resp.into_body().collect())
+            .await
+            .expect("stream hung");
+        assert!(
+            body.is_err(),
+            "a stalled stream must end in an error, not complete"
+        );
+    }
+}

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -205,6 +206,7 @@ impl Endpoint {
                 done: false,
                 _in_flight: guard,
                 _permit: permit,
+                idle: None,
             })),
             Err(e) => {
                 self.failures.fetch_add(1, Relaxed);
@@ -441,7 +443,22 @@ pub struct PooledBody {
     _in_flight: InFlight,
     /// The cluster's request permit: held until the response is over.
     _permit: Option<Permit>,
+    idle: Option<IdleTimer>,
 }
+
+/// Stream idle timeout: armed only when the upstream makes the body wait,
+/// so a response that arrives in one go never creates a timer.
+struct IdleTimer {
+    after: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The upstream sent nothing on a response stream for the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle for {0:?}")]
+pub struct StreamIdle(pub Duration);
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -452,6 +469,12 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
+    /// Ends the stream with an error (HTTP/2 RST_STREAM, HTTP/1 close) if
+    /// the upstream sends nothing for `after`.
+    pub fn set_idle_timeout(&mut self, after: Duration) {
+        self.idle = Some(IdleTimer { after, sleep: None });
+    }
+
     /// For upgraded connections: the connection now belongs to the tunnel.
     pub fn forget_connection(&mut self) {
         self.sender = None;
@@ -466,12 +489,12 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
@@ -480,9 +503,25 @@ impl Body for PooledBody {
                 this.release();
             }
             Poll::Ready(Some(Err(_))) => this.sender = None,
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(t) = this.idle.as_mut() {
+                    t.sleep = None;
+                }
+            }
+            Poll::Pending => {
+                if let Some(t) = this.idle.as_mut() {
+                    let after = t.after;
+                    let sleep = t
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        this.sender = None;
+                        return Poll::Ready(Some(Err(Box::new(StreamIdle(after)))));
+                    }
+                }
+            }
         }
-        r
+        r.map(|o| o.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

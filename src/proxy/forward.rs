@@ -156,6 +156,9 @@ async fn forward(
         return Ok(resp);
     }
 
+    if let RespBody::Upstream(body) = resp.body_mut() {
+        body.set_idle_timeout(conn.listener.stream_idle_timeout);
+    }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     *resp.version_mut() = match downstream {
         Proto::Http1 => http::Version::HTTP_11,

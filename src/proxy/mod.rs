@@ -69,6 +69,7 @@ pub struct ListenerInfo {
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub stream_idle_timeout: Duration,
 }
 
 pub struct ConnInfo {
@@ -219,6 +220,7 @@ impl Proxy {
                 max_header_bytes: l.max_header_bytes,
                 idle_timeout: l.idle_timeout.0,
                 header_read_timeout: l.header_read_timeout.0,
+                stream_idle_timeout: l.stream_idle_timeout.0,
             });
             // Export the listener's series at 0 from the start, not from its first connection.
             let m = metrics();

@@ -174,6 +174,13 @@ impl Upstream {
             let mut r = Response::new(full(format!("{} says {code}", self.name)));
             *r.status_mut() = http::StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
             r
+        } else if path == "/stall" {
+            // One chunk, then silence: the stream never ends.
+            let chunk = futures_util::stream::iter(vec![Ok::<_, hyper::Error>(Frame::data(
+                Bytes::from_static(b"first"),
+            ))]);
+            let stall = chunk.chain(futures_util::stream::pending());
+            Response::new(BodyExt::boxed(StreamBody::new(stall)))
         } else if path == "/ws" {
             return websocket(&mut req);
         } else {
