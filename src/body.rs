@@ -19,13 +19,12 @@ pub enum ReqBody {
     /// Held in memory (for replay by retries), trailers included.
     Replay {
         data: Option<Bytes>,
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
     },
     /// Frames read while trying to buffer, then the rest of the stream.
-    Chained {
-        read: VecDeque<Frame<Bytes>>,
-        rest: Incoming,
-    },
+    /// Boxed, like the trailers: rare, and a small body type keeps every
+    /// request future on the hot path small.
+    Chained(Box<(VecDeque<Frame<Bytes>>, Incoming)>),
 }
 
 impl ReqBody {
@@ -48,7 +47,7 @@ pub enum Buffered {
     /// The whole body, small enough to replay.
     Whole {
         data: Bytes,
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
     },
     /// Larger than the bound: the body to send once, nothing lost.
     TooLarge(ReqBody),
@@ -65,7 +64,7 @@ pub async fn buffer(body: ReqBody, max: usize) -> Result<Buffered, hyper::Error>
                 trailers,
             });
         }
-        ReqBody::Chained { .. } => return Ok(Buffered::TooLarge(body)),
+        ReqBody::Chained(_) => return Ok(Buffered::TooLarge(body)),
         ReqBody::Incoming(b) => b,
     };
     if incoming.size_hint().lower() > max as u64 {
@@ -82,17 +81,16 @@ pub async fn buffer(body: ReqBody, max: usize) -> Result<Buffered, hyper::Error>
         }
         read.push_back(frame);
         if len > max {
-            return Ok(Buffered::TooLarge(ReqBody::Chained {
-                read,
-                rest: incoming,
-            }));
+            return Ok(Buffered::TooLarge(ReqBody::Chained(Box::new((
+                read, incoming,
+            )))));
         }
     }
     let mut data = bytes::BytesMut::with_capacity(len);
     for f in read {
         match f.into_data() {
             Ok(d) => data.extend_from_slice(&d),
-            Err(f) => trailers = f.into_trailers().ok(),
+            Err(f) => trailers = f.into_trailers().ok().map(Box::new),
         }
     }
     Ok(Buffered::Whole {
@@ -115,11 +113,11 @@ impl Body for ReqBody {
                 if let Some(d) = data.take().filter(|d| !d.is_empty()) {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
-            ReqBody::Chained { read, rest } => match read.pop_front() {
+            ReqBody::Chained(c) => match c.0.pop_front() {
                 Some(f) => Poll::Ready(Some(Ok(f))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => Pin::new(&mut c.1).poll_frame(cx),
             },
         }
     }
@@ -130,7 +128,7 @@ impl Body for ReqBody {
             ReqBody::Replay { data, trailers } => {
                 data.as_ref().is_none_or(|d| d.is_empty()) && trailers.is_none()
             }
-            ReqBody::Chained { read, rest } => read.is_empty() && rest.is_end_stream(),
+            ReqBody::Chained(c) => c.0.is_empty() && c.1.is_end_stream(),
         }
     }
 
@@ -140,7 +138,8 @@ impl Body for ReqBody {
             ReqBody::Replay { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ReqBody::Chained { read, rest } => {
+            ReqBody::Chained(c) => {
+                let (read, rest) = &**c;
                 let buffered: u64 = read
                     .iter()
                     .filter_map(|f| f.data_ref())

@@ -79,9 +79,13 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Only gRPC requests carry grpc-timeout; checking the content type
+        // (a standard header) first keeps other requests from hashing the name.
         let grpc = match self.layer.kind {
-            TimeoutKind::Route => grpc_timeout(req.headers()),
-            TimeoutKind::PerTry => None,
+            TimeoutKind::Route if crate::proxy::error::is_grpc(req.headers()) => {
+                grpc_timeout(req.headers())
+            }
+            _ => None,
         };
         let after = match (self.layer.after, grpc) {
             (Some(a), Some(g)) => Some(a.min(g)),
@@ -89,7 +93,7 @@ where
         };
         TimeoutFuture {
             inner: self.inner.call(req),
-            sleep: after.map(tokio::time::sleep),
+            sleep: after.map(|d| Box::pin(tokio::time::sleep(d))),
             after: after.unwrap_or_default(),
             kind: self.layer.kind,
             fired: self.layer.fired.clone(),
@@ -102,8 +106,8 @@ pin_project_lite::pin_project! {
     pub struct TimeoutFuture<F> {
         #[pin]
         inner: F,
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
+        // Boxed: a `Sleep` is large, and most requests carry none.
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         after: Duration,
         kind: TimeoutKind,
         fired: Option<IntCounter>,
@@ -121,8 +125,8 @@ where
         if let Poll::Ready(r) = this.inner.poll(cx) {
             return Poll::Ready(r);
         }
-        if let Some(sleep) = this.sleep.as_pin_mut()
-            && sleep.poll(cx).is_ready()
+        if let Some(sleep) = this.sleep.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
         {
             if let Some(c) = this.fired {
                 c.inc();
@@ -187,6 +191,7 @@ mod tests {
             slow(Duration::from_secs(1)),
         );
         let req = Request::builder()
+            .header("content-type", "application/grpc")
             .header("grpc-timeout", "200m")
             .body(())
             .unwrap();
@@ -200,6 +205,7 @@ mod tests {
             slow(Duration::from_secs(3)),
         );
         let req = Request::builder()
+            .header("content-type", "application/grpc")
             .header("grpc-timeout", "1S")
             .body(())
             .unwrap();

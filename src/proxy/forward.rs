@@ -1,8 +1,11 @@
-//! Forwarding one request: route match, backend and endpoint choice,
-//! header rewriting, the upstream exchange, and upgrade tunnels.
+//! Forwarding one request: route match, header rewriting, the route's
+//! policy stack (which picks the endpoint and talks to it), and upgrade
+//! tunnels.
 //!
-//! Returns typed errors (`Routed`); `error::ErrorLayer` turns them into
-//! responses.
+//! Everything up to the stack runs synchronously in `call`; the future is
+//! a plain struct around the stack's own future, so a request costs no
+//! boxed future here. Returns typed errors (`Routed`); `error::ErrorLayer`
+//! turns them into responses.
 
 use super::error::{ProxyError, Routed};
 use super::headers;
@@ -10,17 +13,21 @@ use super::{ConnInfo, RouteMeta};
 use crate::balance::{Proto, Served};
 use crate::body::{ReqBody, RespBody};
 use crate::config::Role;
+use crate::snapshot::RouteStack;
 use crate::telemetry::metrics;
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tower::ServiceExt;
+use tower::util::Oneshot;
 
 /// The innermost service of a downstream connection.
 #[derive(Clone)]
@@ -31,22 +38,76 @@ pub struct Forward {
 impl tower::Service<Request<Incoming>> for Forward {
     type Response = Response<RespBody>;
     type Error = Routed;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RespBody>, Routed>> + Send>>;
+    type Future = ForwardFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Routed>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<Incoming>) -> ForwardFuture {
         self.conn.requests.fetch_add(1, Relaxed);
-        Box::pin(forward(self.conn.clone(), req))
+        match prepare(&self.conn, req) {
+            Ok(sent) => ForwardFuture::Sent {
+                inner: sent.inner,
+                after: Some(sent.after),
+            },
+            Err(e) => ForwardFuture::Failed { error: Some(e) },
+        }
     }
 }
 
-async fn forward(
-    conn: Arc<ConnInfo>,
-    mut req: Request<Incoming>,
-) -> Result<Response<RespBody>, Routed> {
+/// What the response needs once the stack answers.
+struct After {
+    meta: RouteMeta,
+    upgrade: Option<OnUpgrade>,
+    downstream: Proto,
+    stream_idle: Duration,
+}
+
+struct Sent {
+    inner: Oneshot<RouteStack, Request<ReqBody>>,
+    after: After,
+}
+
+pin_project_lite::pin_project! {
+    #[project = ForwardProj]
+    pub enum ForwardFuture {
+        Sent { #[pin] inner: Oneshot<RouteStack, Request<ReqBody>>, after: Option<After> },
+        Failed { error: Option<Routed> },
+    }
+}
+
+impl Future for ForwardFuture {
+    type Output = Result<Response<RespBody>, Routed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ForwardProj::Failed { error } => match error.take() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            ForwardProj::Sent { inner, after } => {
+                let result = match inner.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => r,
+                };
+                let Some(after) = after.take() else {
+                    return Poll::Pending;
+                };
+                Poll::Ready(match result {
+                    Ok(resp) => Ok(finish(resp, after)),
+                    Err(error) => Err(Routed {
+                        error,
+                        meta: Some(after.meta),
+                    }),
+                })
+            }
+        }
+    }
+}
+
+/// Routing and header rewriting, up to handing the request to the route's stack.
+fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> {
     let downstream = if req.version() == http::Version::HTTP_2 {
         Proto::Http2
     } else {
@@ -66,7 +127,7 @@ async fn forward(
         return Err(ProxyError::ConflictingFraming.into());
     }
 
-    let snap = conn.listener.shared.snapshot.load_full();
+    let snap = conn.listener.shared.snapshot.load();
     let routes = snap
         .listeners
         .get(&conn.listener.name)
@@ -88,7 +149,7 @@ async fn forward(
     let Some(target) = target else {
         return Err(ProxyError::NoRoute.into());
     };
-    let mut meta = RouteMeta {
+    let meta = RouteMeta {
         stats: Some(target.stats.clone()),
         upstream: None,
         error: None,
@@ -102,14 +163,14 @@ async fn forward(
         target.cluster.proto(downstream)
     };
     let authority = match proto {
-        Proto::Http2 if req.uri().authority().is_none() => {
-            host_authority(host).ok_or_else(|| Routed {
-                error: ProxyError::MissingHost,
-                meta: None,
-            })?
-        }
+        Proto::Http2 if req.uri().authority().is_none() => host_authority(host).ok_or(Routed {
+            error: ProxyError::MissingHost,
+            meta: None,
+        })?,
         _ => None,
     };
+    let stack = target.stack.clone();
+    drop(snap);
     let hdrs = req.headers_mut();
     headers::strip_hop_by_hop(hdrs, upgrade);
     headers::ensure_request_id(hdrs);
@@ -120,21 +181,30 @@ async fn forward(
         Proto::Http1 => headers::to_http1(&mut req),
         Proto::Http2 => headers::to_http2(&mut req, authority),
     }
-    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    Ok(Sent {
+        inner: stack.oneshot(req.map(ReqBody::from)),
+        after: After {
+            meta,
+            upgrade,
+            downstream,
+            stream_idle: conn.listener.stream_idle_timeout,
+        },
+    })
+}
 
-    let mut resp = match target.stack.clone().oneshot(req.map(ReqBody::from)).await {
-        Ok(r) => r,
-        Err(error) => {
-            return Err(Routed {
-                error,
-                meta: Some(meta),
-            });
-        }
-    };
+/// The response on its way back: upgrade tunnel, stream idle timer, hop-by-hop headers.
+fn finish(mut resp: Response<RespBody>, after: After) -> Response<RespBody> {
+    let After {
+        mut meta,
+        upgrade,
+        downstream,
+        stream_idle,
+    } = after;
     meta.upstream = resp.extensions().get::<Served>().map(|s| s.0);
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = down_upgrade {
+        if let Some(down) = upgrade {
             let up = hyper::upgrade::on(&mut resp);
             if let RespBody::Upstream(body) = resp.body_mut() {
                 body.forget_connection();
@@ -153,11 +223,11 @@ async fn forward(
             });
         }
         resp.extensions_mut().insert(meta);
-        return Ok(resp);
+        return resp;
     }
 
     if let RespBody::Upstream(body) = resp.body_mut() {
-        body.set_idle_timeout(conn.listener.stream_idle_timeout);
+        body.set_idle_timeout(stream_idle);
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     *resp.version_mut() = match downstream {
@@ -165,7 +235,7 @@ async fn forward(
         Proto::Http2 => http::Version::HTTP_2,
     };
     resp.extensions_mut().insert(meta);
-    Ok(resp)
+    resp
 }
 
 fn host_authority(host: &str) -> Option<Option<Authority>> {

@@ -174,7 +174,9 @@ pub fn to_http2<B>(req: &mut http::Request<B>, authority: Option<Authority>) {
 
 /// Adds `x-request-id` when absent.
 pub fn ensure_request_id(headers: &mut HeaderMap) {
-    let header::Entry::Vacant(slot) = headers.entry(REQUEST_ID) else {
+    // A static name: no per-request parsing or validation of "x-request-id".
+    static NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
+    let header::Entry::Vacant(slot) = headers.entry(NAME.clone()) else {
         return;
     };
     let mut buf = [0u8; 32];
