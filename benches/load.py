@@ -286,7 +286,9 @@ def measure_load(target, cmd, pids_fn):
 
 def open_loop(port, rate, duration, load_core, tmp):
     log = os.path.join(tmp, "h2load-%d.log" % port)
-    clients = 20
+    # Few clients: h2load fires each client's requests on a timer, and many
+    # clients firing on the same tick make bursts that measure queueing.
+    clients = 4
     sh(["taskset", "-c", load_core, "h2load", "--h1", "-c", str(clients), "--rps", str(rate // clients), "-D", str(duration),
         "--warm-up-time", "1", "--log-file", log, "http://127.0.0.1:%d/" % port])
     lat = []
@@ -335,7 +337,7 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             if name in ("outrigger", "nginx", "haproxy"):
                 h2port = PROXY_PORT if name == "outrigger" else H2_PORT
                 row["http2"] = measure_load(name, ["taskset", "-c", load_core, "h2load", "-c16", "-m10", "-D", d, "http://127.0.0.1:%d/" % h2port], p.pids)
-                row["latency"] = open_loop(PROXY_PORT, args.rate, args.duration, load_core, tmp)
+            row["latency"] = open_loop(PROXY_PORT, args.rate, args.duration, load_core, tmp)
         finally:
             p.stop()
         rows[name] = row
@@ -371,6 +373,24 @@ def sizing(res, rate):
     return {"millicores_per_1k_rps": round(m_per_k, 1), "memory_mib": round(mem, 1), "rate": rate,
             "requests": {"cpu": "%dm" % req_m, "memory": "%dMi" % mem_req},
             "limits": {"cpu": "%dm" % lim_m, "memory": "%dMi" % (mem_req * 2)}}
+
+
+def write_chart(size):
+    """Writes the sizing into the chart's defaults, between its markers."""
+    path = os.path.join(ROOT, "charts", "outrigger", "values.yaml")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        text = f.read()
+    begin, end = "# BEGIN sizing (benches/load.py)\n", "# END sizing"
+    if begin not in text or end not in text:
+        return
+    block = "  sizedForRps: %d\n  resources:\n    requests: { cpu: %s, memory: %s }\n    limits: { cpu: %s, memory: %s }\n" % (
+        size["rate"], size["requests"]["cpu"], size["requests"]["memory"], size["limits"]["cpu"], size["limits"]["memory"])
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(head + begin + block + end + tail)
 
 
 def markdown(res, meta):
@@ -477,6 +497,8 @@ def main():
         f.write(md + "\n")
     with open(os.path.join(RESULTS, "latest.svg"), "w") as f:
         f.write(svg(res))
+    if not args.only:
+        write_chart(size)
     print(md)
     if "haproxy" in res and "outrigger" in res:
         ratio = res["outrigger"]["http1"]["cpu_us_per_req"] / res["haproxy"]["http1"]["cpu_us_per_req"]
