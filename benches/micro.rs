@@ -4,7 +4,7 @@
 //! and 1,000 endpoints; recording a request in the metrics; compiling a
 //! 1,000-route config; the header handling of one request.
 
-use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, Request};
 use outrigger::balance::Cluster;
 use outrigger::config::Config;
@@ -12,6 +12,7 @@ use outrigger::proxy::headers;
 use outrigger::route::RouteTable;
 use outrigger::snapshot::Snapshot;
 use outrigger::telemetry::RouteStats;
+use std::hint::black_box;
 
 /// `n` routes over `n` hosts, a few path prefixes each, and clusters.
 fn config(n: usize) -> Config {
