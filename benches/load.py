@@ -289,6 +289,8 @@ def open_loop(port, rate, duration, load_core, tmp):
     # Few clients: h2load fires each client's requests on a timer, and many
     # clients firing on the same tick make bursts that measure queueing.
     clients = 4
+    if os.path.exists(log):
+        os.remove(log)  # h2load appends to an existing log
     sh(["taskset", "-c", load_core, "h2load", "--h1", "-c", str(clients), "--rps", str(rate // clients), "-D", str(duration),
         "--warm-up-time", "1", "--log-file", log, "http://127.0.0.1:%d/" % port])
     lat = []

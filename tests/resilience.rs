@@ -532,3 +532,28 @@ async fn a_stalled_response_stream_is_reset_after_the_idle_timeout() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_move_to_another_endpoint() {
+    let bad = Upstream::with("bad", opts(|o| o.status = Some(503))).await;
+    let good = Upstream::start("good").await;
+    // Random balancing: without avoidance a quarter of the requests would
+    // draw the bad endpoint twice.
+    let yaml = one_route(
+        ", retry: { attempts: 2, on: [5xx], backoff: { base: 1ms, max: 1ms }, budget: { percent: 100 } }",
+        "",
+        &[&bad, &good],
+    )
+    .replace("lb: round-robin", "lb: random");
+    let p = ProxyProc::start(&yaml);
+    let c = TestClient::h1(p.addr("out"));
+    for _ in 0..60 {
+        let r = get(&c, "svc", "/").await;
+        assert_eq!((r.status, r.text().as_str()), (200, "good"));
+    }
+    assert!(
+        bad.hits() > 5,
+        "the bad endpoint was drawn {} times",
+        bad.hits()
+    );
+}

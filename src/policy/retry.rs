@@ -286,7 +286,11 @@ where
         }
         Err(e) => return Err(ProxyError::ClientBody(e)),
     };
-    let tried = Tried::default();
+    // Which endpoints earlier attempts went to. A response or connection
+    // error names its endpoint; a per-try timeout does not, so only then is
+    // the list handed down from the first attempt (saving the allocations
+    // on every request of the common, timeout-free route).
+    let mut tried: Option<Tried> = policy.cfg.per_try_timeout.is_some().then(Tried::default);
     let mut attempt = 1;
     loop {
         let mut req = Request::new(ReqBody::Replay {
@@ -297,7 +301,9 @@ where
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
-        req.extensions_mut().insert(tried.clone());
+        if let Some(t) = &tried {
+            req.extensions_mut().insert(t.clone());
+        }
         let r = inner.ready().await?.call(req).await;
         let Some(reason) = policy.retry_reason(&r) else {
             return with_attempts(r, attempt);
@@ -316,6 +322,19 @@ where
             .retries
             .with_label_values(&[&policy.route, reason])
             .inc();
+        if tried.is_none() {
+            let t = Tried::default();
+            let served = match &r {
+                Ok(resp) => resp
+                    .extensions()
+                    .get::<crate::balance::Served>()
+                    .map(|s| s.0),
+                Err(ProxyError::Upstream(e)) => Some(e.addr()),
+                Err(_) => None,
+            };
+            t.0.lock().extend(served);
+            tried = Some(t);
+        }
         // The failed attempt's body (if any) is dropped here, before we wait.
         drop(r);
         tokio::time::sleep(policy.backoff(attempt)).await;
