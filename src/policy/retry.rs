@@ -241,8 +241,14 @@ fn with_attempts<B>(
 ) -> Result<Response<B>, ProxyError> {
     match r {
         Ok(mut resp) => {
-            resp.headers_mut()
-                .insert(ATTEMPTS, HeaderValue::from(attempts));
+            // Static name and values: no parsing or allocation per response.
+            static NAME: http::HeaderName = http::HeaderName::from_static(ATTEMPTS);
+            const DIGITS: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+            let value = match DIGITS.get(attempts as usize) {
+                Some(d) => HeaderValue::from_static(d),
+                None => HeaderValue::from(attempts),
+            };
+            resp.headers_mut().insert(NAME.clone(), value);
             Ok(resp)
         }
         Err(e) => Err(ProxyError::Attempts {
