@@ -92,10 +92,7 @@ clusters:
 
 #[test]
 fn grpc_proxy_errors_arrive_as_grpc_status() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let yaml = format!(
         r#"
 listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]

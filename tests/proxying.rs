@@ -173,11 +173,7 @@ async fn gateway_adds_forwarded_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_upstream_gets_503_with_reason_not_a_hang() {
-    // Bind then drop a listener: nothing listens on that port any more.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let yaml = format!(
         r#"
 listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]

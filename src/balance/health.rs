@@ -59,11 +59,7 @@ pub async fn run(cluster: Weak<Cluster>, hc: HealthCheck) {
         }
         if let Some(c) = cluster.upgrade() {
             crate::policy::outlier::refresh_gauges(
-                &["healthy", "ejected", "unhealthy"].map(|s| {
-                    crate::telemetry::metrics()
-                        .endpoints
-                        .with_label_values(&[&c.name, s])
-                }),
+                &crate::policy::outlier::state_gauges(&c.name),
                 &c.endpoints,
                 super::health,
             );

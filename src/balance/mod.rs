@@ -79,11 +79,7 @@ impl Cluster {
             d.refresh(&cluster.endpoints, health);
         } else {
             crate::policy::outlier::refresh_gauges(
-                &["healthy", "ejected", "unhealthy"].map(|s| {
-                    crate::telemetry::metrics()
-                        .endpoints
-                        .with_label_values(&[&c.name, s])
-                }),
+                &crate::policy::outlier::state_gauges(&c.name),
                 &cluster.endpoints,
                 health,
             );

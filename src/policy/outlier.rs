@@ -87,8 +87,7 @@ impl Detector {
             cfg: cfg.clone(),
             ejections: ["5xx", "gateway-error", "local-failure"]
                 .map(|r| m.outlier_ejections.with_label_values(&[cluster, r])),
-            gauges: ["healthy", "ejected", "unhealthy"]
-                .map(|s| m.endpoints.with_label_values(&[cluster, s])),
+            gauges: state_gauges(cluster),
         }
     }
 
@@ -191,6 +190,12 @@ impl Detector {
     pub fn panic(&self, available: usize, total: usize) -> bool {
         available * 100 < self.cfg.panic_threshold as usize * total
     }
+}
+
+/// `outrigger_endpoints{cluster, state}` for the three states.
+pub fn state_gauges(cluster: &str) -> [IntGauge; 3] {
+    let m = crate::telemetry::metrics();
+    ["healthy", "ejected", "unhealthy"].map(|s| m.endpoints.with_label_values(&[cluster, s]))
 }
 
 pub fn refresh_gauges<T>(gauges: &[IntGauge; 3], all: &[T], health: fn(&T) -> &EndpointHealth) {

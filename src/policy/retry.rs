@@ -393,6 +393,28 @@ mod tests {
         })
     }
 
+    /// A retry layer with a well-funded budget over `upstream(statuses)`.
+    fn funded(
+        c: config::Retry,
+        route: &str,
+        statuses: Vec<u16>,
+        calls: &Arc<AtomicU32>,
+    ) -> Retry<
+        impl tower::Service<Request<ReqBody>, Response = Response<()>, Error = ProxyError, Future: Send>
+        + Clone
+        + Send
+        + 'static,
+    > {
+        let p = RetryPolicy::new(&c, route);
+        for _ in 0..50 {
+            p.budget.deposit();
+        }
+        tower::Layer::layer(
+            &RetryLayer::new(Some(p), limits()),
+            upstream(statuses, calls.clone()),
+        )
+    }
+
     fn get() -> Request<ReqBody> {
         Request::new(ReqBody::empty())
     }
@@ -400,14 +422,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_gateway_errors_and_counts_attempts() {
         let calls = Arc::new(AtomicU32::new(0));
-        let p = RetryPolicy::new(&cfg(3, vec![RetryOn::GatewayError]), "r1");
-        // a generous balance for this test
-        for _ in 0..50 {
-            p.budget.deposit();
-        }
-        let mut svc = tower::Layer::layer(
-            &RetryLayer::new(Some(p), limits()),
-            upstream(vec![503, 502, 200], calls.clone()),
+        let mut svc = funded(
+            cfg(3, vec![RetryOn::GatewayError]),
+            "r1",
+            vec![503, 502, 200],
+            &calls,
         );
         let r = svc.ready().await.unwrap().call(get()).await.unwrap();
         assert_eq!(r.status(), 200);
@@ -418,13 +437,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_the_attempts_and_keeps_the_last_answer() {
         let calls = Arc::new(AtomicU32::new(0));
-        let p = RetryPolicy::new(&cfg(2, vec![RetryOn::RetriableStatusCodes]), "r2");
-        for _ in 0..50 {
-            p.budget.deposit();
-        }
-        let mut svc = tower::Layer::layer(
-            &RetryLayer::new(Some(p), limits()),
-            upstream(vec![409], calls.clone()),
+        let mut svc = funded(
+            cfg(2, vec![RetryOn::RetriableStatusCodes]),
+            "r2",
+            vec![409],
+            &calls,
         );
         let r = svc.ready().await.unwrap().call(get()).await.unwrap();
         assert_eq!(r.status(), 409);
@@ -435,14 +452,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn post_and_large_bodies_are_sent_once() {
         let calls = Arc::new(AtomicU32::new(0));
-        let p = RetryPolicy::new(&cfg(3, vec![RetryOn::FiveXx]), "r3");
-        for _ in 0..50 {
-            p.budget.deposit();
-        }
-        let mut svc = tower::Layer::layer(
-            &RetryLayer::new(Some(p), limits()),
-            upstream(vec![500], calls.clone()),
-        );
+        let mut svc = funded(cfg(3, vec![RetryOn::FiveXx]), "r3", vec![500], &calls);
         let mut post = get();
         *post.method_mut() = Method::POST;
         let r = svc.ready().await.unwrap().call(post).await.unwrap();

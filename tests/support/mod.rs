@@ -30,6 +30,14 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_outrigger")
 }
 
+/// A loopback address nothing listens on: bound, then released.
+pub fn dead_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 pub fn temp_dir() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let d = std::env::temp_dir().join(format!(

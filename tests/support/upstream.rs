@@ -116,6 +116,12 @@ impl Upstream {
         self.stop.notify_one();
     }
 
+    fn status(&self, code: u16) -> Response<Body> {
+        let mut r = Response::new(full(format!("{} says {code}", self.name)));
+        *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+        r
+    }
+
     async fn handle(&self, mut req: Request<Incoming>, opts: &UpstreamOpts) -> Response<Body> {
         let n = self.hits.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push(Seen {
@@ -134,30 +140,16 @@ impl Upstream {
         };
         let mut resp = if let (Some(code), "/sink") = (fail, path.as_str()) {
             // Read the whole body before failing, to tell what arrived.
-            let n = req
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes().len())
-                .unwrap_or(0);
-            let mut r = Response::new(full(format!("{} says {code}", self.name)));
-            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            let n = body_len(req).await;
+            let mut r = self.status(code);
             r.headers_mut().insert("x-received", n.into());
             r
         } else if let Some(code) = fail {
-            let mut r = Response::new(full(format!("{} says {code}", self.name)));
-            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
-            r
+            self.status(code)
         } else if path == "/echo" {
             Response::new(req.into_body().boxed())
         } else if path == "/sink" {
-            let n = req
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes().len())
-                .unwrap_or(0);
-            Response::new(full(n.to_string()))
+            Response::new(full(body_len(req).await.to_string()))
         } else if path == "/trailers" {
             let frames = vec![
                 Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"with trailers"))),
@@ -171,9 +163,7 @@ impl Upstream {
                 frames,
             ))))
         } else if let Some(code) = path.strip_prefix("/status/") {
-            let mut r = Response::new(full(format!("{} says {code}", self.name)));
-            *r.status_mut() = http::StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
-            r
+            self.status(code.parse().unwrap_or(500))
         } else if path == "/stall" {
             // One chunk, then silence: the stream never ends.
             let chunk = futures_util::stream::iter(vec![Ok::<_, hyper::Error>(Frame::data(
@@ -190,6 +180,14 @@ impl Upstream {
             .insert("x-upstream", self.name.parse().unwrap());
         resp
     }
+}
+
+async fn body_len(req: Request<Incoming>) -> usize {
+    req.into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes().len())
+        .unwrap_or(0)
 }
 
 fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
