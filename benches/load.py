@@ -492,12 +492,14 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     size = sizing(res, args.sidecar_rate)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+    # A partial run (--only) must not replace the full run the README quotes.
+    stem = "partial" if args.only else "latest"
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "results": res, "rounds": rounds, "sizing": size}, f, indent=2)
     md = markdown(res, meta)
-    with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
         f.write(md + "\n")
-    with open(os.path.join(RESULTS, "latest.svg"), "w") as f:
+    with open(os.path.join(RESULTS, stem + ".svg"), "w") as f:
         f.write(svg(res))
     if not args.only:
         write_chart(size)
