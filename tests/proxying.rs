@@ -223,3 +223,29 @@ async fn inbound_forwards_to_the_local_app() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_upstream_hits_the_connect_timeout() {
+    // A listener that never accepts, with its accept queue full: further
+    // SYNs are dropped, so a connect hangs instead of being refused.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = sock.listen(0).unwrap();
+    let addr = hole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        match tokio::time::timeout(std::time::Duration::from_millis(200), s.connect(addr)).await {
+            Ok(Ok(c)) => fillers.push(c),
+            _ => break, // the queue is full: this one hung
+        }
+    }
+    let yaml = format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes: [ {{ name: all, backends: [ {{ cluster: hole }} ] }} ]\nclusters: [ {{ name: hole, connect_timeout: 300ms, endpoints: [ {{ address: {addr} }} ] }} ]\n"
+    );
+    let p = ProxyProc::start(&yaml);
+    let r = get(&TestClient::h1(p.addr("out")), "x", "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-outrigger-reason"), Some("connect-timeout"));
+    drop(hole);
+}

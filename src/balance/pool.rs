@@ -194,11 +194,15 @@ impl Endpoint {
     ) -> Result<Response<PooledBody>, UpstreamError> {
         self.in_flight.fetch_add(1, Relaxed);
         self.requests.fetch_add(1, Relaxed);
-        let guard = InFlight(self.clone());
+        let mut guard = InFlight {
+            endpoint: self.clone(),
+            settled: false,
+        };
         let result = match proto {
             Proto::Http1 => self.send_h1(req).await,
             Proto::Http2 => self.send_h2(req).await.map(|r| r.map(|b| (b, None))),
         };
+        guard.settled = true;
         match result {
             Ok(resp) => Ok(resp.map(|(body, sender)| PooledBody {
                 inner: body,
@@ -421,11 +425,21 @@ impl Endpoint {
     }
 }
 
-struct InFlight(Arc<Endpoint>);
+/// Counts a request in flight until its response body ends. Dropped before
+/// the response head arrived (a per-try or route timeout, or the client
+/// gone), the request counts as slow, so the balancer steers away from an
+/// endpoint that hangs as it does from one that fails.
+struct InFlight {
+    endpoint: Arc<Endpoint>,
+    settled: bool,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Relaxed);
+        if !self.settled {
+            self.endpoint.ewma.observe(Duration::from_secs(1));
+        }
     }
 }
 
@@ -539,5 +553,35 @@ impl Drop for PooledBody {
         if self.done || self.inner.is_end_stream() {
             self.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_abandoned_request_counts_against_the_endpoint() {
+        // An upstream that accepts and never answers.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let limits = Limits::new(&Default::default(), "pool-test");
+        let ep = Endpoint::new(addr, "pool-test", PoolSettings::default(), limits);
+        assert_eq!(ep.ewma.get_ns(), 0.0);
+        let req = Request::builder().uri("/").body(ReqBody::empty()).unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(100), ep.send(req, Proto::Http1, None))
+            .await;
+        assert!(r.is_err(), "the upstream never answers");
+        assert_eq!(ep.in_flight(), 0);
+        assert!(
+            ep.ewma.get_ns() >= 1e9,
+            "abandoned request not counted as slow"
+        );
     }
 }
