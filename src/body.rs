@@ -2,20 +2,111 @@
 //! back downstream. Plain enums rather than boxed trait objects, so the hot
 //! path neither allocates nor dispatches dynamically for a body.
 
-use crate::balance::{BoxError, PooledBody};
+use crate::balance::PooledBody;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A stream on which the peer sent nothing for the stream idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle for {0:?}")]
+pub struct StreamIdle(pub Duration);
+
+/// Stream idle timeout: armed only while a body makes its reader wait, so
+/// a body that arrives in one go never creates a timer.
+#[derive(Debug)]
+pub struct IdleTimer {
+    after: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleTimer {
+    pub fn new(after: Duration) -> Self {
+        IdleTimer { after, sleep: None }
+    }
+
+    /// The stream moved: the next wait starts a fresh period.
+    pub fn progressed(&mut self) {
+        self.sleep = None;
+    }
+
+    /// Called when the stream is pending: true once it has waited too long.
+    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let after = self.after;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    /// Applies the timer to one poll of a body.
+    pub fn watch<E: Into<BoxError>>(
+        timer: &mut Option<IdleTimer>,
+        cx: &mut Context<'_>,
+        r: Poll<Option<Result<Frame<Bytes>, E>>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(t) = timer.as_mut() {
+            if r.is_ready() {
+                t.progressed();
+            } else if t.expired(cx) {
+                return Poll::Ready(Some(Err(Box::new(StreamIdle(t.after)))));
+            }
+        }
+        r.map(|o| o.map(|f| f.map_err(Into::into)))
+    }
+}
+
+/// The client's request body as it streams in, with the stream idle timeout.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    idle: Option<IdleTimer>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, idle: Option<Duration>) -> Self {
+        ClientBody {
+            inner,
+            idle: idle.map(IdleTimer::new),
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        IdleTimer::watch(&mut this.idle, cx, r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A request body on its way upstream.
 #[derive(Debug)]
 pub enum ReqBody {
     /// Streamed from the client as it arrives.
-    Incoming(Incoming),
+    Incoming(ClientBody),
     /// Held in memory (for replay by retries), trailers included.
     Replay {
         data: Option<Bytes>,
@@ -24,7 +115,7 @@ pub enum ReqBody {
     /// Frames read while trying to buffer, then the rest of the stream.
     /// Boxed, like the trailers: rare, and a small body type keeps every
     /// request future on the hot path small.
-    Chained(Box<(VecDeque<Frame<Bytes>>, Incoming)>),
+    Chained(Box<(VecDeque<Frame<Bytes>>, ClientBody)>),
 }
 
 impl ReqBody {
@@ -38,7 +129,7 @@ impl ReqBody {
 
 impl From<Incoming> for ReqBody {
     fn from(b: Incoming) -> Self {
-        ReqBody::Incoming(b)
+        ReqBody::Incoming(ClientBody::new(b, None))
     }
 }
 
@@ -56,7 +147,7 @@ pub enum Buffered {
 /// Reads `body` into memory if it is at most `max` bytes. A larger body
 /// (known from its length or found while reading) comes back whole as a
 /// stream, never truncated.
-pub async fn buffer(body: ReqBody, max: usize) -> Result<Buffered, hyper::Error> {
+pub async fn buffer(body: ReqBody, max: usize) -> Result<Buffered, BoxError> {
     let mut incoming = match body {
         ReqBody::Replay { data, trailers } => {
             return Ok(Buffered::Whole {
@@ -101,12 +192,12 @@ pub async fn buffer(body: ReqBody, max: usize) -> Result<Buffered, hyper::Error>
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Replay { data, trailers } => {

@@ -557,3 +557,32 @@ async fn retries_move_to_another_endpoint() {
         bad.hits()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalling_its_request_body_is_cut_off() {
+    use std::io::{Read, Write};
+    let up = Upstream::start("app").await;
+    let yaml = one_route("", "", &[&up]).replace("access_log: true", "stream_idle_timeout: 200ms");
+    let p = ProxyProc::start(&yaml);
+    let addr = p.addr("out");
+    let out = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+        // Promise 100 bytes, send 5, then go quiet.
+        s.write_all(b"POST /sink HTTP/1.1\r\nhost: svc\r\ncontent-length: 100\r\n\r\nhello")
+            .unwrap();
+        let mut buf = Vec::new();
+        // Ok means the proxy ended the connection; a read timeout would be an Err.
+        s.read_to_end(&mut buf)
+            .map(|_| String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await
+    .unwrap()
+    .expect("the stalled request hung instead of being cut off");
+    assert!(out.starts_with("HTTP/1.1 502"), "{out:?}");
+    assert_eq!(
+        get(&TestClient::h1(addr), "svc", "/").await.status,
+        200,
+        "others are still served"
+    );
+}

@@ -8,7 +8,7 @@ mod lb;
 mod pool;
 
 pub use lb::{Lb, hash_bytes};
-pub use pool::{BoxError, Endpoint, PoolSettings, PooledBody, Proto, StreamIdle, UpstreamError};
+pub use pool::{Endpoint, PoolSettings, PooledBody, Proto, UpstreamError};
 
 use crate::body::{ReqBody, RespBody};
 use crate::clock::now_ns;

@@ -9,7 +9,7 @@
 //! connection is mid-message.
 
 use super::ewma::PeakEwma;
-use crate::body::ReqBody;
+use crate::body::{BoxError, IdleTimer, ReqBody};
 use crate::policy::circuit_breaker::{Limit, Limits, Permit};
 use crate::policy::outlier::EndpointHealth;
 use bytes::Bytes;
@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -460,20 +459,6 @@ pub struct PooledBody {
     idle: Option<IdleTimer>,
 }
 
-/// Stream idle timeout: armed only when the upstream makes the body wait,
-/// so a response that arrives in one go never creates a timer.
-struct IdleTimer {
-    after: Duration,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-/// The upstream sent nothing on a response stream for the idle timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("stream idle for {0:?}")]
-pub struct StreamIdle(pub Duration);
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PooledBody")
@@ -486,7 +471,7 @@ impl PooledBody {
     /// Ends the stream with an error (HTTP/2 RST_STREAM, HTTP/1 close) if
     /// the upstream sends nothing for `after`.
     pub fn set_idle_timeout(&mut self, after: Duration) {
-        self.idle = Some(IdleTimer { after, sleep: None });
+        self.idle = Some(IdleTimer::new(after));
     }
 
     /// For upgraded connections: the connection now belongs to the tunnel.
@@ -517,25 +502,9 @@ impl Body for PooledBody {
                 this.release();
             }
             Poll::Ready(Some(Err(_))) => this.sender = None,
-            Poll::Ready(Some(Ok(_))) => {
-                if let Some(t) = this.idle.as_mut() {
-                    t.sleep = None;
-                }
-            }
-            Poll::Pending => {
-                if let Some(t) = this.idle.as_mut() {
-                    let after = t.after;
-                    let sleep = t
-                        .sleep
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        this.sender = None;
-                        return Poll::Ready(Some(Err(Box::new(StreamIdle(after)))));
-                    }
-                }
-            }
+            _ => {}
         }
-        r.map(|o| o.map(|f| f.map_err(Into::into)))
+        IdleTimer::watch(&mut this.idle, cx, r)
     }
 
     fn is_end_stream(&self) -> bool {

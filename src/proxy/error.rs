@@ -43,7 +43,7 @@ pub enum ProxyError {
     #[error("request head not received in time")]
     HeaderTimeout,
     #[error("reading the request body failed: {0}")]
-    ClientBody(hyper::Error),
+    ClientBody(crate::body::BoxError),
     #[error("{last} (after {attempts} attempts)")]
     Attempts {
         attempts: u32,

@@ -11,7 +11,7 @@ use super::error::{ProxyError, Routed};
 use super::headers;
 use super::{ConnInfo, RouteMeta};
 use crate::balance::{Proto, Served};
-use crate::body::{ReqBody, RespBody};
+use crate::body::{ClientBody, ReqBody, RespBody};
 use crate::config::Role;
 use crate::snapshot::RouteStack;
 use crate::telemetry::metrics;
@@ -183,7 +183,9 @@ fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> 
     }
     let upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     Ok(Sent {
-        inner: stack.oneshot(req.map(ReqBody::from)),
+        inner: stack.oneshot(req.map(|b| {
+            ReqBody::Incoming(ClientBody::new(b, Some(conn.listener.stream_idle_timeout)))
+        })),
         after: After {
             meta,
             upgrade,
