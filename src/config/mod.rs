@@ -111,8 +111,8 @@ pub struct Listener {
     /// A request head not complete this long after the connection opened → 408.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
-    /// A response stream on which the upstream sends nothing this long is
-    /// reset (HTTP/2 RST_STREAM; HTTP/1 closes the connection).
+    /// A request or response body on which the sender sends nothing this
+    /// long is reset (HTTP/2 RST_STREAM; HTTP/1 closes the connection).
     #[serde(default = "default_stream_idle_timeout")]
     pub stream_idle_timeout: Dur,
     #[serde(default, skip_serializing_if = "Option::is_none")]
