@@ -57,13 +57,21 @@ async fn drains_in_flight_requests(trigger: impl FnOnce(&ProxyProc)) {
     until_hits(&up, 8).await;
     trigger(&p);
 
-    // Readiness fails at once while requests are still in flight.
+    // Readiness fails while requests are still in flight (they take 700 ms).
     let probes = p.probes;
-    let ready = tokio::task::spawn_blocking(move || http_get_raw(probes, "/ready").0)
-        .await
-        .unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let status = http_get_raw(probes, "/ready").0;
+            if status != 200 || std::time::Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+    .await
+    .unwrap();
     assert_eq!(ready, 503);
-
     for t in tasks {
         let (h1, status, connection) = t.await.unwrap();
         assert_eq!(status, 200, "an in-flight request failed during drain");

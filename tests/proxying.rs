@@ -233,13 +233,18 @@ async fn a_black_holed_upstream_hits_the_connect_timeout() {
     let hole = sock.listen(0).unwrap();
     let addr = hole.local_addr().unwrap();
     let mut fillers = Vec::new();
-    for _ in 0..4 {
+    let mut full = false;
+    for _ in 0..256 {
         let s = tokio::net::TcpSocket::new_v4().unwrap();
         match tokio::time::timeout(std::time::Duration::from_millis(200), s.connect(addr)).await {
             Ok(Ok(c)) => fillers.push(c),
-            _ => break, // the queue is full: this one hung
+            _ => {
+                full = true; // the queue is full: this connect hung
+                break;
+            }
         }
     }
+    assert!(full, "could not fill the accept queue");
     let yaml = format!(
         "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes: [ {{ name: all, backends: [ {{ cluster: hole }} ] }} ]\nclusters: [ {{ name: hole, connect_timeout: 300ms, endpoints: [ {{ address: {addr} }} ] }} ]\n"
     );

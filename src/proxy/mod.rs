@@ -337,6 +337,8 @@ async fn accept_loop(
             }
         }
     }
+    // Close the socket before saying so: whoever reads the log may connect next.
+    drop(listener);
     tracing::info!(listener = %info.name, "stopped accepting");
 }
 
