@@ -35,12 +35,6 @@ pub struct RouteMeta {
     pub error: Option<&'static str>,
 }
 
-impl std::fmt::Debug for RouteStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RouteStats({}, {})", self.route(), self.cluster())
-    }
-}
-
 impl RouteMeta {
     pub fn failed(reason: &'static str) -> Self {
         RouteMeta {

@@ -204,6 +204,12 @@ pub struct RouteStats {
     codes: RwLock<Vec<(u16, IntCounter)>>,
 }
 
+impl std::fmt::Debug for RouteStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RouteStats({}, {})", self.route, self.cluster)
+    }
+}
+
 impl RouteStats {
     pub fn new(listener: &str, route: &str, cluster: &str) -> Arc<Self> {
         let m = metrics();
