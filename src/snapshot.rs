@@ -96,6 +96,20 @@ impl Snapshot {
         for c in &config.clusters {
             clusters.insert(c.name.clone(), reuse(c));
         }
+        // One rate-limit bucket and one retry budget per route, shared by
+        // every listener and backend the route serves.
+        let shared: HashMap<&str, (Option<Arc<TokenBucket>>, Option<Arc<RetryPolicy>>)> = config
+            .routes
+            .iter()
+            .map(|r| {
+                let bucket = r
+                    .rate_limit
+                    .as_ref()
+                    .map(|rl| TokenBucket::new(rl, "route", &r.name));
+                let retry = r.retry.as_ref().map(|rt| RetryPolicy::new(rt, &r.name));
+                (r.name.as_str(), (bucket, retry))
+            })
+            .collect();
         let mut listeners = HashMap::default();
         for l in &config.listeners {
             let routes: Vec<&config::Route> = config
@@ -110,11 +124,7 @@ impl Snapshot {
             let targets = routes
                 .iter()
                 .map(|r| {
-                    let bucket = r
-                        .rate_limit
-                        .as_ref()
-                        .map(|rl| TokenBucket::new(rl, "route", &r.name));
-                    let retry = r.retry.as_ref().map(|rt| RetryPolicy::new(rt, &r.name));
+                    let (bucket, retry) = shared.get(r.name.as_str()).cloned().unwrap_or_default();
                     r.backends
                         .iter()
                         .filter_map(|b| {
@@ -210,6 +220,30 @@ mod tests {
         let s2 = Snapshot::build(b, 2, Some(&s1)).unwrap();
         assert!(Arc::ptr_eq(&s1.clusters["a"], &s2.clusters["a"]));
         assert!(!Arc::ptr_eq(&s1.clusters["b"], &s2.clusters["b"]));
+    }
+
+    #[test]
+    fn a_route_on_two_listeners_shares_one_rate_limit() {
+        let c = Config::from_yaml(
+            r#"
+listeners:
+  - { name: a, role: outbound, address: 127.0.0.1:0 }
+  - { name: b, role: gateway, address: 127.0.0.1:0 }
+routes:
+  - { name: r, backends: [ { cluster: c } ], rate_limit: { requests_per_second: 1, burst: 2 } }
+clusters: [ { name: c } ]
+"#,
+        )
+        .unwrap();
+        let s = Snapshot::build(c, 1, None).unwrap();
+        let bucket = |l: &str| {
+            s.listeners[l].targets[0][0]
+                .stack
+                .bucket()
+                .cloned()
+                .unwrap()
+        };
+        assert!(Arc::ptr_eq(&bucket("a"), &bucket("b")));
     }
 
     #[test]

@@ -83,6 +83,13 @@ pub struct RateLimit<S> {
     bucket: Option<Arc<TokenBucket>>,
 }
 
+impl<S> RateLimit<S> {
+    /// The bucket this limiter draws from, if any.
+    pub fn bucket(&self) -> Option<&Arc<TokenBucket>> {
+        self.bucket.as_ref()
+    }
+}
+
 impl<S, B, R> tower::Service<Request<B>> for RateLimit<S>
 where
     S: tower::Service<Request<B>, Response = R, Error = ProxyError>,
