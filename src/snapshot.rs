@@ -22,6 +22,9 @@ use std::sync::Arc;
 /// (circuit breaker, balancer, endpoint).
 pub type RouteStack = RateLimit<Fault<Timeout<Retry<Timeout<ClusterService>>>>>;
 
+/// What all of a route's stacks share: its rate-limit bucket and retry budget.
+type RouteShared = (Option<Arc<TokenBucket>>, Option<Arc<RetryPolicy>>);
+
 /// Where a route's backend sends requests, with its metric labels.
 pub struct Target {
     pub cluster: Arc<Cluster>,
@@ -98,7 +101,7 @@ impl Snapshot {
         }
         // One rate-limit bucket and one retry budget per route, shared by
         // every listener and backend the route serves.
-        let shared: HashMap<&str, (Option<Arc<TokenBucket>>, Option<Arc<RetryPolicy>>)> = config
+        let shared: HashMap<&str, RouteShared> = config
             .routes
             .iter()
             .map(|r| {

@@ -349,7 +349,7 @@ async fn slowloris_gets_408_and_others_are_served() {
 async fn rate_limits_answer_429_with_retry_after() {
     let up = Upstream::start("app").await;
     let yaml = format!(
-        "listeners:\n  - {{ name: out, role: outbound, address: 127.0.0.1:0 }}\n  - {{ name: capped, role: outbound, address: 127.0.0.1:0, rate_limit: {{ requests_per_second: 1, burst: 3 }} }}\nroutes: [ {{ name: r, backends: [ {{ cluster: c }} ], rate_limit: {{ requests_per_second: 2, burst: 5 }} }} ]\nclusters: [ {{ name: c, endpoints: [ {} ] }} ]\n",
+        "listeners:\n  - {{ name: out, role: outbound, address: 127.0.0.1:0 }}\n  - {{ name: capped, role: outbound, address: 127.0.0.1:0, rate_limit: {{ requests_per_second: 1, burst: 3 }} }}\nroutes:\n  - {{ name: r, listeners: [ out ], backends: [ {{ cluster: c }} ], rate_limit: {{ requests_per_second: 2, burst: 5 }} }}\n  - {{ name: r2, listeners: [ capped ], backends: [ {{ cluster: c }} ] }}\nclusters: [ {{ name: c, endpoints: [ {} ] }} ]\n",
         eps(&[&up])
     );
     let p = ProxyProc::start(&yaml);
