@@ -579,7 +579,11 @@ async fn a_client_stalling_its_request_body_is_cut_off() {
     .await
     .unwrap()
     .expect("the stalled request hung instead of being cut off");
-    assert!(out.starts_with("HTTP/1.1 502"), "{out:?}");
+    assert!(out.starts_with("HTTP/1.1 408"), "{out:?}");
+    assert!(
+        out.contains("x-outrigger-reason: client-stalled"),
+        "{out:?}"
+    );
     assert_eq!(
         get(&TestClient::h1(addr), "svc", "/").await.status,
         200,

@@ -217,7 +217,9 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
                 }
                 Err(e) => {
                     match &e {
+                        // Not the endpoint's fault: nothing for outlier detection.
                         UpstreamError::Overloaded(_) => {}
+                        e if e.is_client_body() => {}
                         e if e.is_connect() => cluster.observe(idx, Outcome::ConnectFailure),
                         _ => cluster.observe(idx, Outcome::Reset),
                     }

@@ -94,6 +94,27 @@ impl UpstreamError {
         false
     }
 
+    /// The request body failed (the client stalled or went away): the
+    /// client's fault, not the endpoint's.
+    pub fn is_client_body(&self) -> bool {
+        matches!(self, UpstreamError::Request { source, .. } if source.is_user())
+    }
+
+    /// The client's body stalled past the stream idle timeout.
+    pub fn is_client_stall(&self) -> bool {
+        let UpstreamError::Request { source, .. } = self else {
+            return false;
+        };
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cur {
+            if e.is::<crate::body::StreamIdle>() {
+                return true;
+            }
+            cur = e.source();
+        }
+        false
+    }
+
     pub fn addr(&self) -> SocketAddr {
         match self {
             UpstreamError::Connect { addr, .. }

@@ -42,6 +42,8 @@ pub enum ProxyError {
     FaultAbort { status: u16 },
     #[error("request head not received in time")]
     HeaderTimeout,
+    #[error("the request body stalled past the stream idle timeout")]
+    ClientStalled,
     #[error("reading the request body failed: {0}")]
     ClientBody(crate::body::BoxError),
     #[error("{last} (after {attempts} attempts)")]
@@ -55,6 +57,8 @@ impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Overloaded(l) => ProxyError::Overloaded { limit: l.as_str() },
+            e if e.is_client_stall() => ProxyError::ClientStalled,
+            e if e.is_client_body() => ProxyError::ClientBody(Box::new(e)),
             e => ProxyError::Upstream(e),
         }
     }
@@ -90,6 +94,7 @@ impl ProxyError {
             }
             ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientStalled => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoints(_) | ProxyError::ListenerGone => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -117,6 +122,7 @@ impl ProxyError {
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::HeaderTimeout => "header-timeout",
             ProxyError::ClientBody(_) => "client-body-error",
+            ProxyError::ClientStalled => "client-stalled",
             ProxyError::NoRoute => "no-route",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Upstream(UpstreamError::Connect { .. }) => "connect-failure",
