@@ -186,3 +186,65 @@ async fn reload_adds_and_removes_listeners() {
         "removed listener still accepts"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_a_listeners_settings_keeps_its_port_serving() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let p = std::sync::Arc::new(ProxyProc::start(&two_cluster_yaml(&a, &b, "a")));
+    let out = p.addr("out");
+    // Same name and address, a new header limit, under load: the settings
+    // change in place and the socket stays.
+    let changed = two_cluster_yaml(&a, &b, "a").replace(
+        "{ name: out, role: outbound, address: 127.0.0.1:0 }",
+        "{ name: out, role: outbound, address: 127.0.0.1:0, max_header_bytes: 16384 }",
+    );
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let failures = std::sync::Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                // A new connection each time: the listening socket is what changes.
+                if get(&TestClient::h1(out), "svc", "/").await.status != 200 {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    let p2 = p.clone();
+    assert!(
+        tokio::task::spawn_blocking(move || p2.reload(&changed))
+            .await
+            .unwrap()
+    );
+    p.wait_log(|l| l.contains("listener settings updated") && l.contains("\"out\""));
+    assert_eq!(
+        p.count_log(|l| l.contains("stopped accepting")),
+        0,
+        "the socket was closed"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "requests failed while the listener was replaced"
+    );
+    // The new limit is in force on the same port.
+    let big = "x".repeat(20 * 1024);
+    let r = send(
+        &TestClient::h1(out),
+        "GET",
+        "svc",
+        "/",
+        &[("x-big", big.as_str())],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 431);
+}

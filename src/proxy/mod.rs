@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 
 /// What the request path knows of the route that served a request; carried
@@ -75,9 +75,16 @@ pub struct ConnInfo {
     pub requests: AtomicU64,
 }
 
+/// What a listener's accept loop serves with; swapped in place when only
+/// the listener's settings change, so its socket never closes.
+struct Serving {
+    info: Arc<ListenerInfo>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+}
+
 struct Running {
     config: Listener,
-    info: Arc<ListenerInfo>,
+    serving: Arc<ArcSwap<Serving>>,
     stop: watch::Sender<bool>,
 }
 
@@ -137,7 +144,7 @@ impl Proxy {
         self.listeners
             .lock()
             .iter()
-            .map(|(n, r)| (n.clone(), r.info.address))
+            .map(|(n, r)| (n.clone(), r.serving.load().info.address))
             .collect()
     }
 
@@ -150,46 +157,25 @@ impl Proxy {
         let current = self.shared.snapshot.load_full();
         let snap = Snapshot::build(config.clone(), version, Some(&current))?;
 
-        // Bind what is new or changed before anything is swapped.
-        let mut new = Vec::new();
-        let mut replaced = Vec::new();
+        // Bind what is new or moved before anything is swapped. A listener
+        // whose address stays keeps its socket; only its settings change.
+        let mut bound = Vec::new();
         {
             let running = self.listeners.lock();
             for (index, l) in config.listeners.iter().enumerate() {
-                match running.get(&l.name) {
-                    Some(r) if r.config == *l => {}
-                    Some(r) if r.config.address == l.address => {
-                        // Same socket, new settings: the old one must let go first.
-                        replaced.push(l.name.clone());
-                        new.push((index, l.clone(), None));
-                    }
-                    _ => {
-                        let std = bind(l.address).map_err(|source| ApplyError::Bind {
-                            index,
-                            address: l.address,
-                            source,
-                        })?;
-                        new.push((index, l.clone(), Some(std)));
-                    }
+                if running
+                    .get(&l.name)
+                    .is_some_and(|r| r.config.address == l.address)
+                {
+                    continue;
                 }
-            }
-        }
-        for name in &replaced {
-            if let Some(r) = self.listeners.lock().remove(name) {
-                let _ = r.stop.send(true);
-            }
-        }
-        let mut bound = Vec::new();
-        for (index, l, sock) in new {
-            let sock = match sock {
-                Some(s) => s,
-                None => bind(l.address).map_err(|source| ApplyError::Bind {
+                let sock = bind(l.address).map_err(|source| ApplyError::Bind {
                     index,
                     address: l.address,
                     source,
-                })?,
-            };
-            bound.push((l, sock));
+                })?;
+                bound.push((l.clone(), sock));
+            }
         }
 
         self.shared.snapshot.store(Arc::new(snap));
@@ -198,43 +184,31 @@ impl Proxy {
 
         let mut running = self.listeners.lock();
         for l in &config.listeners {
-            if let Some(r) = running.get(&l.name) {
-                r.info.access_log.store(l.access_log, SeqCst);
+            if let Some(r) = running.get_mut(&l.name)
+                && r.config != *l
+                && r.config.address == l.address
+            {
+                let address = r.serving.load().info.address;
+                r.serving.store(Arc::new(self.serving(l, address)));
+                r.config = l.clone();
+                tracing::info!(listener = %l.name, "listener settings updated");
             }
         }
         for (l, sock) in bound {
             let address = sock.local_addr().unwrap_or(l.address);
-            let info = Arc::new(ListenerInfo {
-                name: l.name.clone(),
-                role: l.role,
-                address,
-                shared: self.shared.clone(),
-                access_log: AtomicBool::new(l.access_log),
-                unmatched: RouteStats::new(&l.name, "", ""),
-                max_header_bytes: l.max_header_bytes,
-                idle_timeout: l.idle_timeout.0,
-                header_read_timeout: l.header_read_timeout.0,
-                stream_idle_timeout: l.stream_idle_timeout.0,
-            });
             // Export the listener's series at 0 from the start, not from its first connection.
             let m = metrics();
             m.connections.with_label_values(&[&l.name]);
             m.connections_total.with_label_values(&[&l.name]);
+            let serving = Arc::new(ArcSwap::from_pointee(self.serving(&l, address)));
             let (stop, stop_rx) = watch::channel(false);
-            match TcpListener::from_std(sock) {
-                Ok(tl) => {
-                    tracing::info!(listener = %l.name, role = l.role.as_str(), %address, "listening");
-                    tokio::spawn(accept_loop(tl, info.clone(), server_builder(&l), stop_rx));
-                }
-                Err(e) => {
-                    tracing::error!(listener = %l.name, error = %e, "cannot register listener")
-                }
-            }
+            tracing::info!(listener = %l.name, role = l.role.as_str(), %address, "listening");
+            tokio::spawn(accept_loop(sock, l.name.clone(), serving.clone(), stop_rx));
             if let Some(old) = running.insert(
                 l.name.clone(),
                 Running {
                     config: l,
-                    info,
+                    serving,
                     stop,
                 },
             ) {
@@ -251,6 +225,24 @@ impl Proxy {
             k
         });
         Ok(version)
+    }
+
+    fn serving(&self, l: &Listener, address: SocketAddr) -> Serving {
+        Serving {
+            info: Arc::new(ListenerInfo {
+                name: l.name.clone(),
+                role: l.role,
+                address,
+                shared: self.shared.clone(),
+                access_log: AtomicBool::new(l.access_log),
+                unmatched: RouteStats::new(&l.name, "", ""),
+                max_header_bytes: l.max_header_bytes,
+                idle_timeout: l.idle_timeout.0,
+                header_read_timeout: l.header_read_timeout.0,
+                stream_idle_timeout: l.stream_idle_timeout.0,
+            }),
+            builder: server_builder(l),
+        }
     }
 
     /// Starts draining: listeners stop accepting, open connections are
@@ -288,10 +280,16 @@ impl Proxy {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Restarts must not wait for TIME_WAIT sockets of a previous process.
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
 }
 
 fn server_builder(l: &Listener) -> Arc<auto::Builder<TokioExecutor>> {
@@ -311,8 +309,8 @@ fn server_builder(l: &Listener) -> Arc<auto::Builder<TokioExecutor>> {
 
 async fn accept_loop(
     listener: TcpListener,
-    info: Arc<ListenerInfo>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    name: String,
+    serving: Arc<ArcSwap<Serving>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -321,11 +319,12 @@ async fn accept_loop(
             _ = stop.changed() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    tokio::spawn(serve_connection(stream, peer, info.clone(), builder.clone()));
+                    let s = serving.load();
+                    tokio::spawn(serve_connection(stream, peer, s.info.clone(), s.builder.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %info.name, error = %e, "accept failed");
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -333,7 +332,7 @@ async fn accept_loop(
     }
     // Close the socket before saying so: whoever reads the log may connect next.
     drop(listener);
-    tracing::info!(listener = %info.name, "stopped accepting");
+    tracing::info!(listener = %name, "stopped accepting");
 }
 
 struct ConnGuard {
