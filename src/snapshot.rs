@@ -69,9 +69,6 @@ pub struct ListenerRoutes {
     pub targets: Vec<Vec<Target>>,
     /// Inbound listeners: the local app, for requests no route claims.
     pub forward: Option<Target>,
-    /// Labels for requests answered without a route.
-    pub unmatched: Arc<RouteStats>,
-    pub access_log: bool,
     /// The listener's own rate limit, before routing.
     pub rate_limit: Option<Arc<TokenBucket>>,
 }
@@ -187,8 +184,6 @@ impl Snapshot {
                     table,
                     targets,
                     forward,
-                    unmatched: RouteStats::new(&l.name, "", ""),
-                    access_log: l.access_log,
                     rate_limit: l
                         .rate_limit
                         .as_ref()

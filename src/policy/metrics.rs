@@ -12,7 +12,6 @@ use http::{Request, Response};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
 
@@ -78,7 +77,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let access = self.listener.access_log.load(Relaxed).then(|| Access {
+        let access = self.listener.access_log.then(|| Access {
             method: req.method().clone(),
             authority: crate::proxy::headers::authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),

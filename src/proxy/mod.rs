@@ -58,7 +58,7 @@ pub struct ListenerInfo {
     pub role: Role,
     pub address: SocketAddr,
     pub shared: Arc<Shared>,
-    pub access_log: AtomicBool,
+    pub access_log: bool,
     pub unmatched: Arc<RouteStats>,
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
@@ -137,15 +137,6 @@ impl Proxy {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.shared.snapshot.load_full()
-    }
-
-    /// Addresses the listeners are bound to (port 0 resolved).
-    pub fn bound(&self) -> HashMap<String, SocketAddr> {
-        self.listeners
-            .lock()
-            .iter()
-            .map(|(n, r)| (n.clone(), r.serving.load().info.address))
-            .collect()
     }
 
     /// Applies a validated config: compiles it, binds new listeners, swaps
@@ -234,7 +225,7 @@ impl Proxy {
                 role: l.role,
                 address,
                 shared: self.shared.clone(),
-                access_log: AtomicBool::new(l.access_log),
+                access_log: l.access_log,
                 unmatched: RouteStats::new(&l.name, "", ""),
                 max_header_bytes: l.max_header_bytes,
                 idle_timeout: l.idle_timeout.0,
