@@ -64,6 +64,9 @@ pub struct ListenerInfo {
     pub idle_timeout: Duration,
     pub header_read_timeout: Duration,
     pub stream_idle_timeout: Duration,
+    /// Label sets resolved once per listener, not per connection.
+    connections: prometheus::IntGauge,
+    connections_total: prometheus::IntCounter,
 }
 
 pub struct ConnInfo {
@@ -187,10 +190,6 @@ impl Proxy {
         }
         for (l, sock) in bound {
             let address = sock.local_addr().unwrap_or(l.address);
-            // Export the listener's series at 0 from the start, not from its first connection.
-            let m = metrics();
-            m.connections.with_label_values(&[&l.name]);
-            m.connections_total.with_label_values(&[&l.name]);
             let serving = Arc::new(ArcSwap::from_pointee(self.serving(&l, address)));
             let (stop, stop_rx) = watch::channel(false);
             tracing::info!(listener = %l.name, role = l.role.as_str(), %address, "listening");
@@ -231,6 +230,8 @@ impl Proxy {
                 idle_timeout: l.idle_timeout.0,
                 header_read_timeout: l.header_read_timeout.0,
                 stream_idle_timeout: l.stream_idle_timeout.0,
+                connections: metrics().connections.with_label_values(&[&l.name]),
+                connections_total: metrics().connections_total.with_label_values(&[&l.name]),
             }),
             builder: server_builder(l),
         }
@@ -349,9 +350,9 @@ async fn serve_connection(
     let shared = info.shared.clone();
     shared.active.fetch_add(1, SeqCst);
     let m = metrics();
-    let gauge = m.connections.with_label_values(&[&info.name]);
+    let gauge = info.connections.clone();
     gauge.inc();
-    m.connections_total.with_label_values(&[&info.name]).inc();
+    info.connections_total.inc();
     let _guard = ConnGuard {
         shared: shared.clone(),
         gauge,
