@@ -104,7 +104,9 @@ impl Cluster {
             return None;
         }
         let key = self.lb.hash_key(headers);
-        let tried: Vec<SocketAddr> = tried.map(|t| t.0.lock().clone()).unwrap_or_default();
+        // Read under the lock (no await here) rather than copying the list.
+        let guard = tried.map(|t| t.0.lock());
+        let tried: &[SocketAddr] = guard.as_deref().map_or(&[], Vec::as_slice);
         if !self.health_aware() && tried.is_empty() {
             return Some(self.lb.pick(eps, key));
         }
