@@ -53,9 +53,16 @@ fn balancer_pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("balancer_pick");
     let mut h = HeaderMap::new();
     h.insert("x-user", HeaderValue::from_static("user-1234"));
-    for lb in ["p2c-ewma", "round-robin", "ring-hash"] {
+    for lb in ["p2c-ewma", "round-robin", "ring-hash", "p2c-ewma+outlier"] {
         for n in [10, 1_000] {
-            let mut y = format!("clusters:\n  - name: c\n    lb: {lb}\n");
+            let mut y = format!(
+                "clusters:\n  - name: c\n    lb: {}\n",
+                lb.trim_end_matches("+outlier")
+            );
+            if lb.ends_with("+outlier") {
+                // Outlier detection on, nothing ejected: the pick must stay O(1).
+                y.push_str("    outlier_detection: { consecutive_5xx: 5 }\n");
+            }
             if lb == "ring-hash" {
                 y.push_str("    hash_on: { header: x-user }\n");
             }

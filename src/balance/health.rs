@@ -58,6 +58,12 @@ pub async fn run(cluster: Weak<Cluster>, hc: HealthCheck) {
             }
         }
         if let Some(c) = cluster.upgrade() {
+            let down = c
+                .endpoints
+                .iter()
+                .filter(|e| !e.health.checked_healthy.load(Relaxed))
+                .count();
+            c.set_unhealthy(down as u32);
             crate::policy::outlier::refresh_gauges(
                 &crate::policy::outlier::state_gauges(&c.name),
                 &c.endpoints,

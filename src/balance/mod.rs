@@ -33,6 +33,8 @@ pub struct Cluster {
     pub limits: Arc<Limits>,
     lb: Lb,
     outlier: Option<Detector>,
+    /// Endpoints failing active health checks (kept by the checker).
+    unhealthy: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Detector {
@@ -74,6 +76,7 @@ impl Cluster {
             limits,
             lb,
             outlier,
+            unhealthy: Default::default(),
         });
         if let Some(d) = &cluster.outlier {
             d.refresh(&cluster.endpoints, health);
@@ -93,8 +96,16 @@ impl Cluster {
         cluster
     }
 
+    /// Whether some endpoint may be out right now; while not, a pick costs
+    /// no health check at all (one or two atomic loads).
     fn health_aware(&self) -> bool {
-        self.outlier.is_some() || self.config.health_check.is_some()
+        self.outlier.as_ref().is_some_and(Detector::any_ejected)
+            || self.unhealthy.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    pub(crate) fn set_unhealthy(&self, n: u32) {
+        self.unhealthy
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Picks an endpoint index, or `None` when the cluster has none.

@@ -78,6 +78,9 @@ pub struct Detector {
     cfg: config::OutlierDetection,
     ejections: [IntCounter; 3],
     gauges: [IntGauge; 3],
+    /// Endpoints ejected and not yet swept back: while 0, the balancer
+    /// skips health filtering altogether.
+    ejected: AtomicU32,
 }
 
 impl Detector {
@@ -88,6 +91,7 @@ impl Detector {
             ejections: ["5xx", "gateway-error", "local-failure"]
                 .map(|r| m.outlier_ejections.with_label_values(&[cluster, r])),
             gauges: state_gauges(cluster),
+            ejected: AtomicU32::new(0),
         }
     }
 
@@ -159,6 +163,7 @@ impl Detector {
             .saturating_mul(times)
             .min(self.cfg.max_ejection.0);
         h.ejected_until.store(now + d.as_nanos() as u64, Relaxed);
+        self.ejected.fetch_add(1, Relaxed);
         self.ejections[reason].inc();
         tracing::info!(endpoint = idx, reason = ["5xx", "gateway-error", "local-failure"][reason], ejected_for = ?d, "endpoint ejected");
         self.refresh(all, health);
@@ -168,18 +173,28 @@ impl Detector {
     /// endpoints that stayed in, and refreshes the gauges.
     pub fn sweep<T>(&self, all: &[T], health: fn(&T) -> &EndpointHealth) {
         let now = now_ns();
+        let mut still = 0;
         for h in all.iter().map(health) {
             let until = h.ejected_until.load(Relaxed);
             if until != 0 && now >= until {
                 h.ejected_until.store(0, Relaxed);
-            } else if until == 0 {
+            } else if until != 0 {
+                still += 1;
+            } else {
                 let t = h.times_ejected.load(Relaxed);
                 if t > 0 {
                     h.times_ejected.store(t - 1, Relaxed);
                 }
             }
         }
+        self.ejected.store(still, Relaxed);
         self.refresh(all, health);
+    }
+
+    /// Whether any endpoint may currently be out (an upper bound: an
+    /// ejection that expired counts until the next sweep).
+    pub fn any_ejected(&self) -> bool {
+        self.ejected.load(Relaxed) > 0
     }
 
     pub fn refresh<T>(&self, all: &[T], health: fn(&T) -> &EndpointHealth) {
