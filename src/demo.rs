@@ -56,7 +56,7 @@ fn banner() -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\nOutrigger demo: apps hello-1 :18081, hello-2 :18082, echo :18083 behind one proxy.\n"
+        "\nOutrigger demo: apps hello-1 :18081, hello-2 :18082, echo :18083, flaky :18084 and slow :18085 behind one proxy\n(outbound 127.0.0.1:15001, inbound 127.0.0.1:15006, gateway 127.0.0.1:18080).\n"
     );
     let _ = writeln!(s, "Try:");
     for (what, cmd) in [
