@@ -134,31 +134,33 @@ class Proc:
             self.p.kill()
 
 
-def upstream_nginx(tmp, core):
-    conf = os.path.join(tmp, "upstream.conf")
-    with open(conf, "w") as f:
-        f.write("""
-daemon off; master_process off; worker_processes 1; pid %s/up.pid; error_log /dev/null crit;
+def nginx_head(tmp, name):
+    """The part of an NGINX config both the upstream and the proxy share."""
+    return """
+daemon off; master_process off; worker_processes 1; pid %s/%s.pid; error_log /dev/null crit;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   client_body_temp_path %s; proxy_temp_path %s; fastcgi_temp_path %s; uwsgi_temp_path %s; scgi_temp_path %s;
+""" % (tmp, name, tmp, tmp, tmp, tmp, tmp)
+
+
+def upstream_nginx(tmp, core):
+    conf = os.path.join(tmp, "upstream.conf")
+    with open(conf, "w") as f:
+        f.write(nginx_head(tmp, "up") + """
   server { listen 127.0.0.1:%d; location / { default_type text/plain; return 200 "%s"; } } }
-""" % (tmp, tmp, tmp, tmp, tmp, tmp, UP_PORT, BODY.replace("\n", "\\n")))
+""" % (UP_PORT, BODY.replace("\n", "\\n")))
     return Proc([binary("nginx"), "-c", conf, "-p", tmp], core, UP_PORT)
 
 
 def proxy_nginx(tmp, core):
     conf = os.path.join(tmp, "proxy-nginx.conf")
     with open(conf, "w") as f:
-        f.write("""
-daemon off; master_process off; worker_processes 1; pid %s/px.pid; error_log /dev/null crit;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-  client_body_temp_path %s; proxy_temp_path %s; fastcgi_temp_path %s; uwsgi_temp_path %s; scgi_temp_path %s;
+        f.write(nginx_head(tmp, "px") + """
   upstream u { server 127.0.0.1:%d; keepalive 128; keepalive_requests 1000000; }
   server { listen 127.0.0.1:%d; listen 127.0.0.1:%d http2;
     location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } } }
-""" % (tmp, tmp, tmp, tmp, tmp, tmp, UP_PORT, PROXY_PORT, H2_PORT))
+""" % (UP_PORT, PROXY_PORT, H2_PORT))
     return Proc([binary("nginx"), "-c", conf, "-p", tmp], core, PROXY_PORT)
 
 

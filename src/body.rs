@@ -102,6 +102,11 @@ impl Body for ClientBody {
     }
 }
 
+/// The one data frame of an in-memory body, once; nothing for an empty one.
+fn take_data(b: &mut Option<Bytes>) -> Option<Frame<Bytes>> {
+    b.take().filter(|b| !b.is_empty()).map(Frame::data)
+}
+
 /// A request body on its way upstream.
 #[derive(Debug)]
 pub enum ReqBody {
@@ -200,12 +205,11 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
-            ReqBody::Replay { data, trailers } => {
-                if let Some(d) = data.take().filter(|d| !d.is_empty()) {
-                    return Poll::Ready(Some(Ok(Frame::data(d))));
-                }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
-            }
+            ReqBody::Replay { data, trailers } => Poll::Ready(
+                take_data(data)
+                    .or_else(|| trailers.take().map(|t| Frame::trailers(*t)))
+                    .map(Ok),
+            ),
             ReqBody::Chained(c) => match c.0.pop_front() {
                 Some(f) => Poll::Ready(Some(Ok(f))),
                 None => Pin::new(&mut c.1).poll_frame(cx),
@@ -273,11 +277,7 @@ impl Body for RespBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RespBody::Upstream(b) => Pin::new(b).poll_frame(cx),
-            RespBody::Bytes(b) => Poll::Ready(
-                b.take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
-            ),
+            RespBody::Bytes(b) => Poll::Ready(take_data(b).map(Ok)),
         }
     }
 

@@ -318,6 +318,14 @@ impl TestClient {
         }
     }
 
+    async fn connect(&self) -> TokioIo<tokio::net::TcpStream> {
+        TokioIo::new(
+            tokio::net::TcpStream::connect(self.addr)
+                .await
+                .expect("connect"),
+        )
+    }
+
     /// The current HTTP/2 connection, if any.
     pub async fn h2_sender(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
         self.h2.lock().await.clone()
@@ -332,12 +340,8 @@ impl TestClient {
             let mut s = match guard.take().filter(|s| !s.is_closed()) {
                 Some(s) => s,
                 None => {
-                    let io = TokioIo::new(
-                        tokio::net::TcpStream::connect(self.addr)
-                            .await
-                            .expect("connect"),
-                    );
-                    let (s, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+                    let (s, conn) =
+                        http2::handshake(TokioExecutor::new(), self.connect().await).await?;
                     tokio::spawn(conn);
                     s
                 }
@@ -366,12 +370,7 @@ impl TestClient {
         let mut s = match pooled {
             Some(s) => s,
             None => {
-                let io = TokioIo::new(
-                    tokio::net::TcpStream::connect(self.addr)
-                        .await
-                        .expect("connect"),
-                );
-                let (s, conn) = http1::handshake(io).await?;
+                let (s, conn) = http1::handshake(self.connect().await).await?;
                 tokio::spawn(conn.with_upgrades());
                 s
             }
