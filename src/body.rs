@@ -2,7 +2,6 @@
 //! back downstream. Plain enums rather than boxed trait objects, so the hot
 //! path neither allocates nor dispatches dynamically for a body.
 
-use crate::balance::PooledBody;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -103,7 +102,7 @@ impl Body for ClientBody {
 }
 
 /// The one data frame of an in-memory body, once; nothing for an empty one.
-fn take_data(b: &mut Option<Bytes>) -> Option<Frame<Bytes>> {
+pub fn take_data(b: &mut Option<Bytes>) -> Option<Frame<Bytes>> {
     b.take().filter(|b| !b.is_empty()).map(Frame::data)
 }
 
@@ -247,51 +246,6 @@ impl Body for ReqBody {
                 }
                 h
             }
-        }
-    }
-}
-
-/// A response body on its way downstream: streamed from upstream, or made here.
-#[derive(Debug)]
-pub enum RespBody {
-    Upstream(PooledBody),
-    Bytes(Option<Bytes>),
-}
-
-impl RespBody {
-    pub fn text(s: impl Into<Bytes>) -> Self {
-        RespBody::Bytes(Some(s.into()))
-    }
-    pub fn empty() -> Self {
-        RespBody::Bytes(None)
-    }
-}
-
-impl Body for RespBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            RespBody::Upstream(b) => Pin::new(b).poll_frame(cx),
-            RespBody::Bytes(b) => Poll::Ready(take_data(b).map(Ok)),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RespBody::Upstream(b) => b.is_end_stream(),
-            RespBody::Bytes(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RespBody::Upstream(b) => b.size_hint(),
-            RespBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

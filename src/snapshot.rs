@@ -7,11 +7,11 @@
 
 use crate::balance::{Cluster, ClusterService};
 use crate::config::{self, Config, Role};
+use crate::error::TimeoutKind;
 use crate::policy::fault::{Fault, FaultLayer};
 use crate::policy::rate_limit::{RateLimit, RateLimitLayer, TokenBucket};
 use crate::policy::retry::{Retry, RetryLayer, RetryPolicy};
 use crate::policy::timeout::{Timeout, TimeoutLayer};
-use crate::proxy::error::TimeoutKind;
 use crate::route::{CompileError, RouteTable};
 use crate::telemetry::RouteStats;
 use rustc_hash::FxHashMap as HashMap;

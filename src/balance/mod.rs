@@ -8,16 +8,18 @@ mod lb;
 mod pool;
 
 pub use lb::{Lb, hash_bytes};
-pub use pool::{Endpoint, PoolSettings, PooledBody, Proto, UpstreamError};
+pub use pool::{Endpoint, PoolSettings, PooledBody, Proto};
 
-use crate::body::{ReqBody, RespBody};
+use crate::body::{BoxError, ReqBody, take_data};
 use crate::clock::now_ns;
 use crate::config;
-use crate::policy::circuit_breaker::{Limit, Limits};
+use crate::error::{Limit, ProxyError, UpstreamError};
+use crate::policy::circuit_breaker::Limits;
 use crate::policy::outlier::{Detector, EndpointHealth, Outcome};
-use crate::policy::retry::Tried;
-use crate::proxy::error::ProxyError;
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -46,6 +48,10 @@ impl std::fmt::Debug for Detector {
 fn health(e: &Arc<Endpoint>) -> &EndpointHealth {
     &e.health
 }
+
+/// Endpoints a request's earlier attempts went to; the balancer avoids them.
+#[derive(Clone, Debug, Default)]
+pub struct Tried(pub Arc<Mutex<Vec<SocketAddr>>>);
 
 /// The upstream address that served a response.
 #[derive(Clone, Copy, Debug)]
@@ -240,5 +246,50 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
                 }
             }
         })
+    }
+}
+
+/// A response body on its way downstream: streamed from upstream, or made here.
+#[derive(Debug)]
+pub enum RespBody {
+    Upstream(PooledBody),
+    Bytes(Option<Bytes>),
+}
+
+impl RespBody {
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        RespBody::Bytes(Some(s.into()))
+    }
+    pub fn empty() -> Self {
+        RespBody::Bytes(None)
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RespBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            RespBody::Bytes(b) => Poll::Ready(take_data(b).map(Ok)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Upstream(b) => b.is_end_stream(),
+            RespBody::Bytes(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Upstream(b) => b.size_hint(),
+            RespBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }

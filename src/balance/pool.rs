@@ -10,7 +10,8 @@
 
 use super::ewma::PeakEwma;
 use crate::body::{BoxError, IdleTimer, ReqBody};
-use crate::policy::circuit_breaker::{Limit, Limits, Permit};
+use crate::error::{Limit, UpstreamError};
+use crate::policy::circuit_breaker::{Limits, Permit};
 use crate::policy::outlier::EndpointHealth;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -42,86 +43,6 @@ impl Default for PoolSettings {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(90),
             max_idle: 256,
-        }
-    }
-}
-
-/// Why a request could not be sent upstream or got no response head.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("connect to {addr} failed: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connect to {addr} timed out after {after:?}")]
-    ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
-    #[error("upstream {addr} failed: {source}")]
-    Request {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
-    #[error("{} limit reached", .0.as_str())]
-    Overloaded(Limit),
-}
-
-impl UpstreamError {
-    /// True when nothing reached the upstream application.
-    pub fn is_connect(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
-        )
-    }
-
-    /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
-    pub fn is_refused_stream(&self) -> bool {
-        let UpstreamError::Request { source, .. } = self else {
-            return false;
-        };
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
-        while let Some(e) = cur {
-            if let Some(h2) = e.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-            }
-            cur = e.source();
-        }
-        false
-    }
-
-    /// The request body failed (the client stalled or went away): the
-    /// client's fault, not the endpoint's.
-    pub fn is_client_body(&self) -> bool {
-        matches!(self, UpstreamError::Request { source, .. } if source.is_user())
-    }
-
-    /// The client's body stalled past the stream idle timeout.
-    pub fn is_client_stall(&self) -> bool {
-        let UpstreamError::Request { source, .. } = self else {
-            return false;
-        };
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
-        while let Some(e) = cur {
-            if e.is::<crate::body::StreamIdle>() {
-                return true;
-            }
-            cur = e.source();
-        }
-        false
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        match self {
-            UpstreamError::Connect { addr, .. }
-            | UpstreamError::ConnectTimeout { addr, .. }
-            | UpstreamError::Handshake { addr, .. }
-            | UpstreamError::Request { addr, .. } => *addr,
-            UpstreamError::Overloaded(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }

@@ -14,28 +14,10 @@
 //! connection and pending ones.
 
 use crate::config;
+pub use crate::error::Limit;
 use prometheus::IntCounter;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::AcqRel};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Limit {
-    Connections,
-    Pending,
-    Requests,
-    Retries,
-}
-
-impl Limit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Limit::Connections => "connections",
-            Limit::Pending => "pending",
-            Limit::Requests => "requests",
-            Limit::Retries => "retries",
-        }
-    }
-}
 
 pub struct Limits {
     max: [u32; 4],

@@ -5,7 +5,7 @@
 
 use super::PolicyFuture;
 use crate::config;
-use crate::proxy::error::ProxyError;
+use crate::error::ProxyError;
 use http::Request;
 use prometheus::IntCounter;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! request, proxy errors included. Label sets come pre-resolved in the
 //! response's `RouteMeta`; requests without one use the listener's.
 
-use crate::proxy::{ListenerInfo, RouteMeta};
+use crate::context::RouteMeta;
 use crate::telemetry::RouteStats;
 use http::{Request, Response};
 use std::future::Future;
@@ -15,13 +15,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
 
+/// What the layer knows of its listener: its name, whether it writes an
+/// access log, and the labels of requests that matched no route.
+pub struct ListenerScope {
+    pub name: String,
+    pub access_log: bool,
+    pub unmatched: Arc<RouteStats>,
+}
+
 #[derive(Clone)]
 pub struct MetricsLayer {
-    listener: Arc<ListenerInfo>,
+    listener: Arc<ListenerScope>,
 }
 
 impl MetricsLayer {
-    pub fn new(listener: Arc<ListenerInfo>) -> Self {
+    pub fn new(listener: Arc<ListenerScope>) -> Self {
         MetricsLayer { listener }
     }
 }
@@ -39,7 +47,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
 #[derive(Clone)]
 pub struct Metrics<S> {
     inner: S,
-    listener: Arc<ListenerInfo>,
+    listener: Arc<ListenerScope>,
 }
 
 /// Access-log flags: what went wrong (`timeout`, `circuit_open`, ...) and `retry`.
@@ -79,7 +87,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let access = self.listener.access_log.then(|| Access {
             method: req.method().clone(),
-            authority: crate::proxy::headers::authority(&req).map(str::to_owned),
+            authority: crate::http_util::authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),
         });
         MetricsFuture {
@@ -96,7 +104,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         start: Instant,
-        listener: Arc<ListenerInfo>,
+        listener: Arc<ListenerScope>,
         access: Option<Access>,
     }
 }
@@ -124,7 +132,7 @@ where
             if let Some(a) = this.access.take() {
                 let attempts = resp
                     .headers()
-                    .get(crate::proxy::error::ATTEMPTS)
+                    .get(crate::error::ATTEMPTS)
                     .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
                     .unwrap_or(1);
                 tracing::info!(

@@ -4,7 +4,7 @@
 
 use super::PolicyFuture;
 use crate::config;
-use crate::proxy::error::ProxyError;
+use crate::error::ProxyError;
 use http::Request;
 use parking_lot::Mutex;
 use prometheus::IntCounter;

@@ -13,24 +13,19 @@
 //!   `x-outrigger-attempts`.
 
 use super::PolicyFuture;
-use super::circuit_breaker::{Limit, Limits};
-use crate::balance::UpstreamError;
+use super::circuit_breaker::Limits;
+use crate::balance::Tried;
 use crate::body::{self, Buffered, ReqBody};
 use crate::config::{self, RetryOn};
-use crate::proxy::error::{ATTEMPTS, ProxyError, TimeoutKind};
+use crate::error::{ATTEMPTS, Limit, ProxyError, TimeoutKind, UpstreamError};
 use http::{HeaderValue, Method, Request, Response};
 use parking_lot::Mutex;
 use prometheus::IntCounter;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::ServiceExt;
-
-/// Endpoints a request's earlier attempts went to; the balancer avoids them.
-#[derive(Clone, Debug, Default)]
-pub struct Tried(pub Arc<Mutex<Vec<SocketAddr>>>);
 
 /// Token bucket of retries: each request deposits `percent`/100, each retry
 /// takes 1, time adds `min_per_second`. The balance is capped so that a

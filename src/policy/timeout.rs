@@ -3,7 +3,7 @@
 //! Fires `ProxyError::Timeout`, which the error layer answers with 504, or
 //! for gRPC with `grpc-status: 4` (DEADLINE_EXCEEDED).
 
-use crate::proxy::error::{ProxyError, TimeoutKind};
+use crate::error::{ProxyError, TimeoutKind};
 use http::{HeaderMap, Request};
 use prometheus::IntCounter;
 use std::future::Future;
@@ -82,7 +82,7 @@ where
         // Only gRPC requests carry grpc-timeout; checking the content type
         // (a standard header) first keeps other requests from hashing the name.
         let grpc = match self.layer.kind {
-            TimeoutKind::Route if crate::proxy::error::is_grpc(req.headers()) => {
+            TimeoutKind::Route if crate::error::is_grpc(req.headers()) => {
                 grpc_timeout(req.headers())
             }
             _ => None,

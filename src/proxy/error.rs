@@ -3,166 +3,15 @@
 //! trailers-only response with `grpc-status`, which gRPC clients can read
 //! where an HTTP 503 would only surface as a protocol error.
 
-use crate::balance::UpstreamError;
-use crate::body::RespBody;
-use crate::proxy::RouteMeta;
-use http::{HeaderValue, Response, StatusCode};
+use crate::balance::RespBody;
+use crate::context::RouteMeta;
+pub use crate::error::{
+    ATTEMPTS, OVERLOADED, ProxyError, REASON, TimeoutKind, UpstreamError, is_grpc,
+};
+use http::{HeaderValue, Response};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-
-pub const REASON: &str = "x-outrigger-reason";
-pub const ATTEMPTS: &str = "x-outrigger-attempts";
-pub const OVERLOADED: &str = "x-outrigger-overloaded";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("no route matches the request")]
-    NoRoute,
-    #[error("cluster {0} has no endpoints")]
-    NoEndpoints(String),
-    #[error(transparent)]
-    Upstream(UpstreamError),
-    #[error("request carries both content-length and transfer-encoding")]
-    ConflictingFraming,
-    #[error("request has no host")]
-    MissingHost,
-    #[error("listener is being removed")]
-    ListenerGone,
-    #[error("{} timeout after {after:?}", kind.as_str())]
-    Timeout {
-        kind: TimeoutKind,
-        after: std::time::Duration,
-    },
-    #[error("circuit breaker open: {limit} limit reached")]
-    Overloaded { limit: &'static str },
-    #[error("rate limited")]
-    RateLimited { retry_after_secs: u64 },
-    #[error("fault injected: abort with {status}")]
-    FaultAbort { status: u16 },
-    #[error("request head not received in time")]
-    HeaderTimeout,
-    #[error("the request body stalled past the stream idle timeout")]
-    ClientStalled,
-    #[error("reading the request body failed: {0}")]
-    ClientBody(crate::body::BoxError),
-    #[error("{last} (after {attempts} attempts)")]
-    Attempts {
-        attempts: u32,
-        last: Box<ProxyError>,
-    },
-}
-
-impl From<UpstreamError> for ProxyError {
-    fn from(e: UpstreamError) -> Self {
-        match e {
-            UpstreamError::Overloaded(l) => ProxyError::Overloaded { limit: l.as_str() },
-            e if e.is_client_stall() => ProxyError::ClientStalled,
-            e if e.is_client_body() => ProxyError::ClientBody(Box::new(e)),
-            e => ProxyError::Upstream(e),
-        }
-    }
-}
-
-/// Which timeout fired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimeoutKind {
-    /// The route timeout (or a shorter `grpc-timeout`), across retries.
-    Route,
-    /// One attempt.
-    PerTry,
-}
-
-impl TimeoutKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TimeoutKind::Route => "route",
-            TimeoutKind::PerTry => "per-try",
-        }
-    }
-}
-
-impl ProxyError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ProxyError::Attempts { last, .. } => last.status(),
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::FaultAbort { status } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
-            }
-            ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::ClientStalled => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints(_) | ProxyError::ListenerGone => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ProxyError::Upstream(e) if e.is_connect() => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::ConflictingFraming | ProxyError::MissingHost => StatusCode::BAD_REQUEST,
-        }
-    }
-
-    /// Short, stable token for the reason header, logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ProxyError::Attempts { last, .. } => last.reason(),
-            ProxyError::Timeout {
-                kind: TimeoutKind::Route,
-                ..
-            } => "timeout",
-            ProxyError::Timeout {
-                kind: TimeoutKind::PerTry,
-                ..
-            } => "per-try-timeout",
-            ProxyError::Overloaded { .. } => "overloaded",
-            ProxyError::RateLimited { .. } => "rate-limited",
-            ProxyError::FaultAbort { .. } => "fault-injected",
-            ProxyError::HeaderTimeout => "header-timeout",
-            ProxyError::ClientBody(_) => "client-body-error",
-            ProxyError::ClientStalled => "client-stalled",
-            ProxyError::NoRoute => "no-route",
-            ProxyError::NoEndpoints(_) => "no-endpoints",
-            ProxyError::Upstream(UpstreamError::Connect { .. }) => "connect-failure",
-            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect-timeout",
-            ProxyError::Upstream(UpstreamError::Handshake { .. }) => "upstream-handshake",
-            ProxyError::Upstream(UpstreamError::Request { .. }) => "upstream-reset",
-            ProxyError::Upstream(UpstreamError::Overloaded(_)) => "overloaded",
-            ProxyError::ConflictingFraming => "conflicting-framing",
-            ProxyError::MissingHost => "missing-host",
-            ProxyError::ListenerGone => "listener-gone",
-        }
-    }
-
-    /// gRPC status code (grpc/doc/statuscodes.md) for the same failure.
-    fn grpc_status(&self) -> &'static str {
-        match self.status() {
-            StatusCode::NOT_FOUND => "12",
-            StatusCode::BAD_REQUEST => "13",
-            StatusCode::GATEWAY_TIMEOUT => "4",
-            StatusCode::TOO_MANY_REQUESTS => "8",
-            _ => "14",
-        }
-    }
-
-    /// Attempts made, when a retry policy was involved.
-    pub fn attempts(&self) -> Option<u32> {
-        match self {
-            ProxyError::Attempts { attempts, .. } => Some(*attempts),
-            _ => None,
-        }
-    }
-
-    /// The error of the last attempt.
-    pub fn root(&self) -> &ProxyError {
-        match self {
-            ProxyError::Attempts { last, .. } => last.root(),
-            e => e,
-        }
-    }
-}
 
 /// An error together with what was known of the route when it happened.
 #[derive(Debug)]
@@ -175,12 +24,6 @@ impl From<ProxyError> for Routed {
     fn from(error: ProxyError) -> Self {
         Routed { error, meta: None }
     }
-}
-
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Builds the response for `err`.

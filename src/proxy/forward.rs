@@ -7,12 +7,15 @@
 //! boxed future here. Returns typed errors (`Routed`); `error::ErrorLayer`
 //! turns them into responses.
 
+use super::ConnInfo;
 use super::error::{ProxyError, Routed};
 use super::headers;
-use super::{ConnInfo, RouteMeta};
+use crate::balance::RespBody;
 use crate::balance::{Proto, Served};
-use crate::body::{ClientBody, ReqBody, RespBody};
+use crate::body::{ClientBody, ReqBody};
 use crate::config::Role;
+use crate::context::RouteMeta;
+use crate::http_util;
 use crate::snapshot::RouteStack;
 use crate::telemetry::metrics;
 use http::uri::Authority;
@@ -135,7 +138,7 @@ fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> 
     if let Some(bucket) = &routes.rate_limit {
         bucket.try_acquire()?;
     }
-    let host = headers::authority(&req).unwrap_or("");
+    let host = http_util::authority(&req).unwrap_or("");
     let target = match routes
         .table
         .lookup(host, req.method(), req.uri().path(), req.headers())
@@ -178,8 +181,8 @@ fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> 
         headers::add_forwarded(hdrs, conn.peer.ip(), "http");
     }
     match proto {
-        Proto::Http1 => headers::to_http1(&mut req),
-        Proto::Http2 => headers::to_http2(&mut req, authority),
+        Proto::Http1 => http_util::to_http1(&mut req),
+        Proto::Http2 => http_util::to_http2(&mut req, authority),
     }
     let upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     Ok(Sent {

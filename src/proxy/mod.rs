@@ -8,7 +8,7 @@ mod framing;
 pub mod headers;
 
 use crate::config::{Config, Listener, Role};
-use crate::policy::metrics::MetricsLayer;
+use crate::policy::metrics::{ListenerScope, MetricsLayer};
 use crate::snapshot::Snapshot;
 use crate::telemetry::{RouteStats, metrics};
 use arc_swap::ArcSwap;
@@ -26,23 +26,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 
-/// What the request path knows of the route that served a request; carried
-/// in the response's extensions to the metrics layer.
-#[derive(Clone, Debug, Default)]
-pub struct RouteMeta {
-    pub stats: Option<Arc<RouteStats>>,
-    pub upstream: Option<SocketAddr>,
-    pub error: Option<&'static str>,
-}
-
-impl RouteMeta {
-    pub fn failed(reason: &'static str) -> Self {
-        RouteMeta {
-            error: Some(reason),
-            ..Default::default()
-        }
-    }
-}
+pub use crate::context::RouteMeta;
 
 /// State every listener and connection shares.
 pub struct Shared {
@@ -58,8 +42,8 @@ pub struct ListenerInfo {
     pub role: Role,
     pub address: SocketAddr,
     pub shared: Arc<Shared>,
-    pub access_log: bool,
-    pub unmatched: Arc<RouteStats>,
+    /// Name, access-log flag and unmatched labels, for the metrics layer.
+    pub scope: Arc<ListenerScope>,
     pub max_header_bytes: usize,
     pub idle_timeout: Duration,
     pub header_read_timeout: Duration,
@@ -224,8 +208,11 @@ impl Proxy {
                 role: l.role,
                 address,
                 shared: self.shared.clone(),
-                access_log: l.access_log,
-                unmatched: RouteStats::new(&l.name, "", ""),
+                scope: Arc::new(ListenerScope {
+                    name: l.name.clone(),
+                    access_log: l.access_log,
+                    unmatched: RouteStats::new(&l.name, "", ""),
+                }),
                 max_header_bytes: l.max_header_bytes,
                 idle_timeout: l.idle_timeout.0,
                 header_read_timeout: l.header_read_timeout.0,
@@ -373,7 +360,7 @@ async fn serve_connection(
         requests: AtomicU64::new(0),
     });
     let stack = tower::ServiceBuilder::new()
-        .layer(MetricsLayer::new(info.clone()))
+        .layer(MetricsLayer::new(info.scope.clone()))
         .layer(ErrorLayer)
         .service(Forward {
             conn: conn_info.clone(),

@@ -1,0 +1,77 @@
+//! The request's authority, and the URI and `Host` each upstream protocol
+//! needs. Ground floor: the proxy rewrites a request for its upstream
+//! protocol here, and the balancer again when an endpoint turns out to
+//! speak only HTTP/1.1.
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+
+/// The request's authority: the URI's (HTTP/2 `:authority`, absolute-form)
+/// or else the `Host` header.
+pub fn authority<B>(req: &http::Request<B>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+}
+
+/// Rewrites the URI and `Host` for an HTTP/1.1 upstream: origin-form URI
+/// and a `Host` header (an HTTP/2 request has only `:authority`).
+pub fn to_http1<B>(req: &mut http::Request<B>) {
+    *req.version_mut() = http::Version::HTTP_11;
+    if let Some(a) = req.uri().authority().cloned()
+        && !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
+}
+
+/// Rewrites the URI for an HTTP/2 upstream: `:scheme` and `:authority` are required.
+pub fn to_http2<B>(req: &mut http::Request<B>, authority: Option<Authority>) {
+    *req.version_mut() = http::Version::HTTP_2;
+    let uri = req.uri();
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        return;
+    }
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.authority.is_none() {
+        parts.authority = authority;
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    if let Ok(u) = Uri::from_parts(parts) {
+        *req.uri_mut() = u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_rewrites() {
+        let mut r = http::Request::builder()
+            .uri("http://a.b:8080/x?q=1")
+            .body(())
+            .unwrap();
+        to_http1(&mut r);
+        assert_eq!(r.uri(), "/x?q=1");
+        assert_eq!(r.headers()["host"], "a.b:8080");
+        let mut r = http::Request::builder().uri("/y").body(()).unwrap();
+        to_http2(&mut r, Some(Authority::from_static("svc")));
+        assert_eq!(r.uri(), "http://svc/y");
+    }
+}
