@@ -7,6 +7,7 @@
 //! a few atomic loads.
 
 use super::Endpoint;
+use crate::clock::now_ns;
 use crate::config::{HashOn, LbPolicy};
 use http::HeaderMap;
 use std::sync::Arc;
@@ -84,11 +85,7 @@ impl Lb {
             Lb::Random => fastrand::usize(..n),
             Lb::P2cEwma => {
                 let (a, b) = two_distinct(n);
-                if eps[a].load_cost() <= eps[b].load_cost() {
-                    a
-                } else {
-                    b
-                }
+                p2c_ewma(eps, a, b)
             }
             Lb::LeastRequest => {
                 let (a, b) = two_distinct(n);
@@ -143,11 +140,7 @@ impl Lb {
                 Lb::RoundRobin(next) => ok[next.fetch_add(1, Relaxed) % n],
                 Lb::P2cEwma => {
                     let (a, b) = two_distinct(n);
-                    if eps[ok[a]].load_cost() <= eps[ok[b]].load_cost() {
-                        ok[a]
-                    } else {
-                        ok[b]
-                    }
+                    p2c_ewma(eps, ok[a], ok[b])
                 }
                 Lb::LeastRequest => {
                     let (a, b) = two_distinct(n);
@@ -160,6 +153,23 @@ impl Lb {
                 _ => ok[fastrand::usize(..n)],
             },
         }
+    }
+}
+
+/// The cheaper of two candidates by peak-EWMA cost, unless one of them has
+/// gone unmeasured for a probe interval: then that one, once per interval.
+fn p2c_ewma(eps: &[Arc<Endpoint>], a: usize, b: usize) -> usize {
+    let now = now_ns();
+    if eps[a].ewma.claim_probe(now) {
+        return a;
+    }
+    if eps[b].ewma.claim_probe(now) {
+        return b;
+    }
+    if eps[a].load_cost(now) <= eps[b].load_cost(now) {
+        a
+    } else {
+        b
     }
 }
 
@@ -251,6 +261,57 @@ mod tests {
         e[1].ewma.observe(Duration::from_millis(1));
         let lb = Lb::new(LbPolicy::P2cEwma, None, &e);
         assert!((0..100).all(|_| lb.pick(&e, None) == 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sequential_picks_come_back_to_an_endpoint_that_was_a_little_slower() {
+        // Nothing in flight, as with sequential requests: the pick is by
+        // estimate alone. The slower endpoint's estimate decays while nobody
+        // picks it, the busy one's is refreshed by its samples.
+        let e = eps(2);
+        e[0].ewma.observe(Duration::from_micros(1200));
+        e[1].ewma.observe(Duration::from_micros(1000));
+        let lb = Lb::new(LbPolicy::P2cEwma, None, &e);
+        let mut picked_slow = false;
+        for _ in 0..5000 {
+            let i = lb.pick(&e, None);
+            if i == 0 {
+                picked_slow = true;
+                break;
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+            e[1].ewma.observe(Duration::from_micros(1000));
+        }
+        assert!(
+            picked_slow,
+            "never came back to the slightly slower endpoint"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_endpoint_is_probed_once_and_then_gets_its_share() {
+        let e = eps(3);
+        for ep in &e {
+            ep.ewma.observe(Duration::from_micros(500));
+        }
+        e[2].ewma.penalize();
+        let lb = Lb::new(LbPolicy::P2cEwma, None, &e);
+        let count = |n: usize| (0..n).filter(|_| lb.pick(&e, None) == 2).count();
+        assert_eq!(
+            count(300),
+            0,
+            "penalised: no traffic before its probe is due"
+        );
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(count(300), 1, "one probe, not a herd");
+        for ep in &e {
+            ep.ewma.observe(Duration::from_micros(500));
+        }
+        let share = count(3000);
+        assert!(
+            share > 600,
+            "the probe succeeded: back to its share, got {share}/3000"
+        );
     }
 
     #[test]

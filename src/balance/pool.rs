@@ -117,8 +117,8 @@ impl Endpoint {
         self.in_flight.fetch_add(n, Relaxed);
     }
 
-    pub fn load_cost(&self) -> f64 {
-        self.ewma.cost(self.in_flight())
+    pub fn load_cost(&self, now: u64) -> f64 {
+        self.ewma.cost(now, self.in_flight())
     }
 
     pub fn idle_connections(&self) -> usize {
@@ -156,7 +156,7 @@ impl Endpoint {
             Err(e) => {
                 self.failures.fetch_add(1, Relaxed);
                 // A failure counts as slow, so p2c steers away from it.
-                self.ewma.observe(Duration::from_secs(1));
+                self.ewma.penalize();
                 Err(e)
             }
         }
@@ -379,7 +379,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Relaxed);
         if !self.settled {
-            self.endpoint.ewma.observe(Duration::from_secs(1));
+            self.endpoint.ewma.penalize();
         }
     }
 }
@@ -491,7 +491,7 @@ mod tests {
         assert!(r.is_err(), "the upstream never answers");
         assert_eq!(ep.in_flight(), 0);
         assert!(
-            ep.ewma.get_ns() >= 1e9,
+            ep.ewma.get_ns() >= 0.9e9,
             "abandoned request not counted as slow"
         );
     }

@@ -44,6 +44,21 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<tokio::sync::Notify>,
+    opts: UpstreamOpts,
+    faults: Arc<Mutex<Faults>>,
+    /// Bumped by `kill`: every open connection closes.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Misbehaviour switched on and off while the server runs.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+    /// Never answer.
+    pub hang: bool,
+    /// Close the connection instead of answering.
+    pub reset: bool,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -71,8 +86,16 @@ impl Upstream {
             hits: Arc::default(),
             seen: Arc::default(),
             stop: Arc::default(),
+            opts,
+            faults: Arc::default(),
+            generation: Arc::new(tokio::sync::watch::channel(0).0),
         };
-        let u2 = u.clone();
+        u.serve(l);
+        u
+    }
+
+    fn serve(&self, l: TcpListener) {
+        let u2 = self.clone();
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
             loop {
@@ -81,21 +104,38 @@ impl Upstream {
                     r = l.accept() => match r { Ok(s) => s, Err(_) => continue },
                 };
                 let u3 = u2.clone();
-                let opts = opts.clone();
                 let builder = builder.clone();
+                let mut killed = u2.generation.subscribe();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let u = u3.clone();
-                        let opts = opts.clone();
-                        async move { Ok::<_, Infallible>(u.handle(req, &opts).await) }
+                        async move { u.handle(req).await }
                     });
-                    let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = killed.changed() => {}
+                    }
                 });
             }
         });
-        u
+    }
+
+    /// Switches misbehaviour on or off.
+    pub fn set_faults(&self, f: Faults) {
+        *self.faults.lock().unwrap() = f;
+    }
+
+    /// Stops accepting and closes every open connection, as a killed process would.
+    pub fn kill(&self) {
+        self.stop.notify_one();
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Serves again on the same address after `kill`.
+    pub async fn restart(&self) {
+        let l = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(l);
     }
 
     pub fn hits(&self) -> usize {
@@ -122,7 +162,24 @@ impl Upstream {
         r
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, opts: &UpstreamOpts) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+        let faults = self.faults.lock().unwrap().clone();
+        if faults.reset {
+            self.hits.fetch_add(1, Ordering::SeqCst);
+            return Err(std::io::ErrorKind::ConnectionReset.into());
+        }
+        if faults.hang {
+            self.hits.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        if let Some(d) = faults.delay {
+            tokio::time::sleep(d).await;
+        }
+        Ok(self.answer(req).await)
+    }
+
+    async fn answer(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let opts = &self.opts;
         let n = self.hits.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push(Seen {
             method: req.method().to_string(),
