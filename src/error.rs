@@ -54,6 +54,11 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("{addr} does not speak HTTP/2: it answered the HTTP/2 connection preface {answer}")]
+    NotHttp2 {
+        addr: SocketAddr,
+        answer: &'static str,
+    },
     #[error("upstream {addr} failed: {source}")]
     Request {
         addr: SocketAddr,
@@ -113,6 +118,7 @@ impl UpstreamError {
             UpstreamError::Connect { addr, .. }
             | UpstreamError::ConnectTimeout { addr, .. }
             | UpstreamError::Handshake { addr, .. }
+            | UpstreamError::NotHttp2 { addr, .. }
             | UpstreamError::Request { addr, .. } => *addr,
             UpstreamError::Overloaded(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
@@ -229,6 +235,7 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::Connect { .. }) => "connect-failure",
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect-timeout",
             ProxyError::Upstream(UpstreamError::Handshake { .. }) => "upstream-handshake",
+            ProxyError::Upstream(UpstreamError::NotHttp2 { .. }) => "protocol-mismatch",
             ProxyError::Upstream(UpstreamError::Request { .. }) => "upstream-reset",
             ProxyError::Upstream(UpstreamError::Overloaded(_)) => "overloaded",
             ProxyError::ConflictingFraming => "conflicting-framing",

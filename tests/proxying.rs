@@ -58,6 +58,46 @@ async fn http1_and_http2_pass_in_every_combination() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_reaches_an_http1_only_app_with_the_default_config() {
+    let app = Upstream::with(
+        "app",
+        UpstreamOpts {
+            http1_only: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // The default cluster protocol (`auto`): the caller's, with a fallback.
+    let yaml = format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes: [ {{ name: all, backends: [ {{ cluster: app }} ] }} ]\nclusters: [ {{ name: app, endpoints: [ {{ address: {} }} ] }} ]\n",
+        app.addr
+    );
+    let p = ProxyProc::start(&yaml);
+    let c = TestClient::h2(p.addr("out"));
+    for i in 0..5 {
+        let r = send(&c, "POST", "app.svc", &format!("/echo?i={i}"), &[], "ping").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "ping");
+        let seen = app.last();
+        assert_eq!(seen.version, http::Version::HTTP_11);
+        assert_eq!(seen.headers["host"], "app.svc");
+    }
+    // Learned once: later requests go straight to HTTP/1.1.
+    p.wait_log(|l| l.contains("speaks only HTTP/1.1"));
+    assert_eq!(
+        p.count_log(|l| l.contains("speaks only HTTP/1.1")),
+        1,
+        "the fallback is remembered per endpoint"
+    );
+
+    // Forcing HTTP/2 onto it is a clear protocol mismatch, not a reset.
+    let forced = ProxyProc::start(&yaml.replace("name: app,", "name: app, protocol: http2,"));
+    let r = get(&TestClient::h1(forced.addr("out")), "app.svc", "/").await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-outrigger-reason"), Some("protocol-mismatch"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_intact() {
     let up = Upstream::start("app").await;
     let p = ProxyProc::start(&config("auto", &up));

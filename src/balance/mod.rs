@@ -6,6 +6,7 @@ mod ewma;
 mod health;
 mod lb;
 mod pool;
+mod sniff;
 
 pub use lb::{Lb, hash_bytes};
 pub use pool::{Endpoint, PoolSettings, PooledBody, Proto};
@@ -150,11 +151,14 @@ impl Cluster {
         }
     }
 
-    /// The upstream protocol for a request that arrived as `downstream`.
-    pub fn proto(&self, downstream: Proto) -> Proto {
+    /// The upstream protocol for a request that arrived as `downstream`:
+    /// `auto` keeps the caller's, except that gRPC always goes as HTTP/2
+    /// (an endpoint found to speak only HTTP/1.1 is handled at the send).
+    pub fn proto(&self, downstream: Proto, grpc: bool) -> Proto {
         match self.config.protocol {
             config::Protocol::Http1 => Proto::Http1,
             config::Protocol::Http2 => Proto::Http2,
+            config::Protocol::Auto if grpc => Proto::Http2,
             config::Protocol::Auto => downstream,
         }
     }
@@ -222,12 +226,22 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
             if let Some(t) = &tried {
                 t.0.lock().push(endpoint.addr);
             }
-            let proto = if req.version() == http::Version::HTTP_2 {
+            let mut req = req;
+            let mut proto = if req.version() == http::Version::HTTP_2 {
                 Proto::Http2
             } else {
                 Proto::Http1
             };
-            match endpoint.send(req, proto, Some(permit)).await {
+            // `auto` sends HTTP/2 where the caller spoke it, but an endpoint
+            // that speaks only HTTP/1.1 gets HTTP/1.1 (gRPC needs HTTP/2).
+            let fallback = proto == Proto::Http2
+                && cluster.config.protocol == config::Protocol::Auto
+                && !crate::error::is_grpc(req.headers());
+            if fallback && endpoint.http1_only(now_ns()) {
+                crate::http_util::to_http1(&mut req);
+                proto = Proto::Http1;
+            }
+            match endpoint.send(req, proto, fallback, Some(permit)).await {
                 Ok(resp) => {
                     cluster.observe(idx, Outcome::Status(resp.status().as_u16()));
                     let mut resp = resp.map(RespBody::Upstream);

@@ -9,6 +9,7 @@
 //! connection is mid-message.
 
 use super::ewma::PeakEwma;
+use super::sniff::{Answer, Sniff};
 use crate::body::{BoxError, IdleTimer, ReqBody};
 use crate::error::{Limit, UpstreamError};
 use crate::policy::circuit_breaker::{Limits, Permit};
@@ -47,6 +48,11 @@ impl Default for PoolSettings {
     }
 }
 
+const H2_UNKNOWN: u64 = 0;
+const H2_YES: u64 = 1;
+/// An endpoint found to speak only HTTP/1.1 is asked again this often.
+const H2_RECHECK_NS: u64 = 300_000_000_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
     Http1,
@@ -71,6 +77,10 @@ pub struct Endpoint {
     returned: Notify,
     limits: Arc<Limits>,
     pub health: EndpointHealth,
+    /// Whether the endpoint speaks HTTP/2, learned from the first bytes it
+    /// answers a new HTTP/2 connection with: `H2_UNKNOWN`, `H2_YES`, or
+    /// the time (ns) it was found to speak only HTTP/1.1.
+    speaks_h2: AtomicU64,
     connect_failures: prometheus::IntCounter,
 }
 
@@ -102,6 +112,7 @@ impl Endpoint {
             returned: Notify::new(),
             limits,
             health: EndpointHealth::default(),
+            speaks_h2: AtomicU64::new(H2_UNKNOWN),
             connect_failures: crate::telemetry::metrics()
                 .upstream_connect_failures
                 .with_label_values(&[cluster]),
@@ -125,12 +136,22 @@ impl Endpoint {
         self.idle.lock().len()
     }
 
+    /// Whether this endpoint is known to speak only HTTP/1.1 (asked again
+    /// every few minutes).
+    pub fn http1_only(&self, now: u64) -> bool {
+        let s = self.speaks_h2.load(Relaxed);
+        s > H2_YES && now < s + H2_RECHECK_NS
+    }
+
     /// Sends one request and returns the response head with a body that
-    /// gives the connection back to the pool when it ends.
+    /// gives the connection back to the pool when it ends. With
+    /// `fallback`, an HTTP/2 request to an endpoint that turns out to
+    /// speak only HTTP/1.1 is sent again as HTTP/1.1 (it was not sent yet).
     pub async fn send(
         self: &Arc<Self>,
         req: Request<ReqBody>,
         proto: Proto,
+        fallback: bool,
         permit: Option<Permit>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         self.in_flight.fetch_add(1, Relaxed);
@@ -141,7 +162,15 @@ impl Endpoint {
         };
         let result = match proto {
             Proto::Http1 => self.send_h1(req).await,
-            Proto::Http2 => self.send_h2(req).await.map(|r| r.map(|b| (b, None))),
+            Proto::Http2 => match self.send_h2(req).await {
+                Ok(r) => Ok(r.map(|b| (b, None))),
+                Err((e, Some(mut req))) if fallback => {
+                    tracing::info!(endpoint = %self.addr, error = %e, "endpoint speaks only HTTP/1.1; using it");
+                    crate::http_util::to_http1(&mut req);
+                    self.send_h1(req).await
+                }
+                Err((e, _)) => Err(e),
+            },
         };
         guard.settled = true;
         match result {
@@ -210,34 +239,36 @@ impl Endpoint {
         }
     }
 
+    /// An HTTP/2 exchange. A connection error before the request was
+    /// written hands the request back, for a fallback to HTTP/1.1.
     async fn send_h2(
         self: &Arc<Self>,
         req: Request<ReqBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, (UpstreamError, Option<Request<ReqBody>>)> {
         let existing = self.h2.lock().as_ref().filter(|s| !s.is_closed()).cloned();
         let mut sender = match existing {
             Some(s) => s,
-            None => {
-                let s = self.connect_h2().await?;
-                *self.h2.lock() = Some(s.clone());
-                s
-            }
+            None => match self.connect_h2().await {
+                Ok(s) => {
+                    *self.h2.lock() = Some(s.clone());
+                    s
+                }
+                Err(e @ UpstreamError::NotHttp2 { .. }) => return Err((e, Some(req))),
+                Err(e) => return Err((e, None)),
+            },
         };
-        sender
-            .ready()
-            .await
-            .map_err(|source| UpstreamError::Request {
-                addr: self.addr,
-                source,
-            })?;
+        let request_error = |source| {
+            (
+                UpstreamError::Request {
+                    addr: self.addr,
+                    source,
+                },
+                None,
+            )
+        };
+        sender.ready().await.map_err(request_error)?;
         let start = Instant::now();
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request {
-                addr: self.addr,
-                source,
-            })?;
+        let resp = sender.send_request(req).await.map_err(request_error)?;
         self.ewma.observe(start.elapsed());
         Ok(resp)
     }
@@ -274,7 +305,7 @@ impl Endpoint {
             .retain(|i| !i.sender.is_closed() && i.since.elapsed() < limit);
     }
 
-    async fn connect(&self, permit: Permit) -> Result<(TokioIo<TcpStream>, Permit), UpstreamError> {
+    async fn connect(&self) -> Result<TcpStream, UpstreamError> {
         let addr = self.addr;
         let after = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(after, TcpStream::connect(addr)).await {
@@ -290,7 +321,7 @@ impl Endpoint {
         };
         // Small request/response exchanges must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        Ok((TokioIo::new(stream), permit))
+        Ok(stream)
     }
 
     /// A connection permit, or (HTTP/1) a wait for a pooled connection as
@@ -324,7 +355,7 @@ impl Endpoint {
         &self,
         permit: Permit,
     ) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
-        let (io, permit) = self.connect(permit).await?;
+        let io = TokioIo::new(self.connect().await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -341,12 +372,23 @@ impl Endpoint {
         Ok(sender)
     }
 
+    /// A new HTTP/2 connection. Until the endpoint is known to speak
+    /// HTTP/2, its first answer to the preface is awaited (one round trip,
+    /// once) before any request is written, so that an HTTP/1.1-only
+    /// endpoint is found out while the request can still go another way.
     async fn connect_h2(&self) -> Result<http2::SendRequest<ReqBody>, UpstreamError> {
         let permit = self
             .limits
             .try_acquire(Limit::Connections)
             .ok_or(UpstreamError::Overloaded(Limit::Connections))?;
-        let (io, permit) = self.connect(permit).await?;
+        let stream = self.connect().await?;
+        let (tx, rx) = if self.speaks_h2.load(Relaxed) == H2_YES {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        let io = TokioIo::new(Sniff::new(stream, tx));
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -362,6 +404,28 @@ impl Endpoint {
             }
             drop(permit);
         });
+        if let Some(rx) = rx {
+            let after = self.settings.connect_timeout;
+            let answer = match tokio::time::timeout(after, rx).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(_)) => Answer::Closed,
+                Err(_) => {
+                    return Err(UpstreamError::ConnectTimeout {
+                        addr: self.addr,
+                        after,
+                    });
+                }
+            };
+            if answer != Answer::Http2 {
+                self.speaks_h2
+                    .store(crate::clock::now_ns().max(H2_YES + 1), Relaxed);
+                return Err(UpstreamError::NotHttp2 {
+                    addr: self.addr,
+                    answer: answer.describe(),
+                });
+            }
+            self.speaks_h2.store(H2_YES, Relaxed);
+        }
         Ok(sender)
     }
 }
@@ -486,8 +550,11 @@ mod tests {
         let ep = Endpoint::new(addr, "pool-test", PoolSettings::default(), limits);
         assert_eq!(ep.ewma.get_ns(), 0.0);
         let req = Request::builder().uri("/").body(ReqBody::empty()).unwrap();
-        let r = tokio::time::timeout(Duration::from_millis(100), ep.send(req, Proto::Http1, None))
-            .await;
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            ep.send(req, Proto::Http1, false, None),
+        )
+        .await;
         assert!(r.is_err(), "the upstream never answers");
         assert_eq!(ep.in_flight(), 0);
         assert!(

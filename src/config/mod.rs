@@ -203,7 +203,8 @@ fn default_weight() -> u32 {
 pub enum Protocol {
     Http1,
     Http2,
-    /// The downstream request's protocol.
+    /// The downstream request's protocol (gRPC: HTTP/2), falling back to
+    /// HTTP/1.1 for an endpoint that does not speak HTTP/2.
     #[default]
     Auto,
 }

@@ -163,7 +163,9 @@ fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> 
     let proto = if upgrade {
         Proto::Http1
     } else {
-        target.cluster.proto(downstream)
+        target
+            .cluster
+            .proto(downstream, crate::error::is_grpc(req.headers()))
     };
     let authority = match proto {
         Proto::Http2 if req.uri().authority().is_none() => host_authority(host).ok_or(Routed {

@@ -35,6 +35,8 @@ pub struct UpstreamOpts {
     pub status: Option<u16>,
     /// (n, status): every n-th request (the 1st, the n+1-th, ...) gets `status`.
     pub fail_every: Option<(usize, u16)>,
+    /// Speak only HTTP/1.1, as most apps do (an HTTP/2 preface gets a 400).
+    pub http1_only: bool,
 }
 
 #[derive(Clone)]
@@ -104,14 +106,31 @@ impl Upstream {
                     r = l.accept() => match r { Ok(s) => s, Err(_) => continue },
                 };
                 let u3 = u2.clone();
+                let u4 = u2.clone();
                 let builder = builder.clone();
                 let mut killed = u2.generation.subscribe();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let u = u3.clone();
+                        let u = u4.clone();
                         async move { u.handle(req).await }
                     });
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let io = TokioIo::new(stream);
+                    // hyper-util's auto builder serves HTTP/2 whatever its
+                    // version setting says once upgrades are on: use hyper's own.
+                    let conn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                        if u3.opts.http1_only {
+                            let c = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, svc)
+                                .with_upgrades();
+                            Box::pin(async move {
+                                let _ = c.await;
+                            })
+                        } else {
+                            let c = builder.serve_connection_with_upgrades(io, svc).into_owned();
+                            Box::pin(async move {
+                                let _ = c.await;
+                            })
+                        };
                     tokio::select! {
                         _ = conn => {}
                         _ = killed.changed() => {}
