@@ -16,7 +16,8 @@ use std::hint::black_box;
 
 /// `n` routes over `n` hosts, a few path prefixes each, and clusters.
 fn config(n: usize) -> Config {
-    let mut y = String::from("routes:\n");
+    let mut y =
+        String::from("listeners: [ { name: l, role: outbound, address: 127.0.0.1:0 } ]\nroutes:\n");
     for i in 0..n {
         y.push_str(&format!(
             "  - {{ name: r{i}, match: {{ host: svc{i}.ns.svc.cluster.local, path_prefix: /api/v{} }}, backends: [ {{ cluster: c{} }} ] }}\n",
@@ -56,7 +57,7 @@ fn balancer_pick(c: &mut Criterion) {
     for lb in ["p2c-ewma", "round-robin", "ring-hash", "p2c-ewma+outlier"] {
         for n in [10, 1_000] {
             let mut y = format!(
-                "clusters:\n  - name: c\n    lb: {}\n",
+                "listeners: [ {{ name: l, role: outbound, address: 127.0.0.1:0 }} ]\nclusters:\n  - name: c\n    lb: {}\n",
                 lb.trim_end_matches("+outlier")
             );
             if lb.ends_with("+outlier") {

@@ -13,6 +13,9 @@ pub struct RouteMeta {
     pub stats: Option<Arc<RouteStats>>,
     pub upstream: Option<SocketAddr>,
     pub error: Option<&'static str>,
+    /// The full error text, for the access log (never sent to a client
+    /// unless the listener asks for it).
+    pub detail: Option<Box<str>>,
 }
 
 impl RouteMeta {

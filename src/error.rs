@@ -137,6 +137,22 @@ pub enum ProxyError {
     ConflictingFraming,
     #[error("request has no host")]
     MissingHost,
+    #[error("request has more than one Host header")]
+    DuplicateHost,
+    #[error("the Host header disagrees with the request's :authority")]
+    ConflictingHost,
+    #[error("the request's host is not a valid authority")]
+    BadHost,
+    #[error("request header list over {limit} bytes")]
+    HeaderTooLarge { limit: usize },
+    #[error("request has more than {limit} header fields")]
+    TooManyHeaders { limit: usize },
+    #[error("the listener's tunnel limit ({limit}) is reached")]
+    TooManyTunnels { limit: u32 },
+    #[error("CONNECT is not allowed on this route")]
+    ConnectNotAllowed,
+    #[error("the upstream switched protocols although the request did not ask to")]
+    UnexpectedUpgrade,
     #[error("listener is being removed")]
     ListenerGone,
     #[error("{} timeout after {after:?}", kind.as_str())]
@@ -208,7 +224,17 @@ impl ProxyError {
             }
             ProxyError::Upstream(e) if e.is_connect() => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::ConflictingFraming | ProxyError::MissingHost => StatusCode::BAD_REQUEST,
+            ProxyError::ConflictingFraming
+            | ProxyError::MissingHost
+            | ProxyError::DuplicateHost
+            | ProxyError::ConflictingHost
+            | ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            ProxyError::HeaderTooLarge { .. } | ProxyError::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            ProxyError::TooManyTunnels { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -240,6 +266,14 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::Overloaded(_)) => "overloaded",
             ProxyError::ConflictingFraming => "conflicting-framing",
             ProxyError::MissingHost => "missing-host",
+            ProxyError::DuplicateHost => "duplicate-host",
+            ProxyError::ConflictingHost => "conflicting-host",
+            ProxyError::BadHost => "bad-host",
+            ProxyError::HeaderTooLarge { .. } => "header-too-large",
+            ProxyError::TooManyHeaders { .. } => "too-many-headers",
+            ProxyError::TooManyTunnels { .. } => "too-many-tunnels",
+            ProxyError::ConnectNotAllowed => "connect-not-allowed",
+            ProxyError::UnexpectedUpgrade => "unexpected-upgrade",
             ProxyError::ListenerGone => "listener-gone",
         }
     }
@@ -259,6 +293,15 @@ impl ProxyError {
     pub fn attempts(&self) -> Option<u32> {
         match self {
             ProxyError::Attempts { attempts, .. } => Some(*attempts),
+            _ => None,
+        }
+    }
+
+    /// The upstream endpoint the error happened with, if one was involved.
+    pub fn upstream(&self) -> Option<SocketAddr> {
+        match self.root() {
+            ProxyError::Upstream(UpstreamError::Overloaded(_)) => None,
+            ProxyError::Upstream(u) => Some(u.addr()),
             _ => None,
         }
     }

@@ -3,7 +3,7 @@
 //! protocol here, and the balancer again when an endpoint turns out to
 //! speak only HTTP/1.1.
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 
 /// The request's authority: the URI's (HTTP/2 `:authority`, absolute-form)
@@ -21,8 +21,9 @@ pub fn authority<B>(req: &http::Request<B>) -> Option<&str> {
 /// and a `Host` header (an HTTP/2 request has only `:authority`).
 pub fn to_http1<B>(req: &mut http::Request<B>) {
     *req.version_mut() = http::Version::HTTP_11;
+    // The URI's authority (HTTP/2 `:authority`, an absolute-form target)
+    // is the one routed on: the upstream sees that, never a different Host.
     if let Some(a) = req.uri().authority().cloned()
-        && !req.headers().contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         req.headers_mut().insert(header::HOST, v);
@@ -57,6 +58,28 @@ pub fn to_http2<B>(req: &mut http::Request<B>, authority: Option<Authority>) {
     }
 }
 
+/// The proxy's own header namespace.
+const OWN_PREFIX: &str = "x-outrigger-";
+
+fn own_header(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    s.len() > OWN_PREFIX.len() && s.starts_with(OWN_PREFIX)
+}
+
+/// Removes every `x-outrigger-*` header: on a gateway's requests (the
+/// internet may not ask for faults or claim attempts and identities), and
+/// on every upstream response (only the proxy speaks for itself). One scan
+/// of the names when there is none.
+pub fn strip_own(headers: &mut HeaderMap) {
+    if !headers.keys().any(own_header) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| own_header(n)).cloned().collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,11 +88,16 @@ mod tests {
     fn uri_rewrites() {
         let mut r = http::Request::builder()
             .uri("http://a.b:8080/x?q=1")
+            .header("host", "other")
             .body(())
             .unwrap();
         to_http1(&mut r);
         assert_eq!(r.uri(), "/x?q=1");
-        assert_eq!(r.headers()["host"], "a.b:8080");
+        assert_eq!(
+            r.headers()["host"],
+            "a.b:8080",
+            "the absolute-form authority wins"
+        );
         let mut r = http::Request::builder().uri("/y").body(()).unwrap();
         to_http2(&mut r, Some(Authority::from_static("svc")));
         assert_eq!(r.uri(), "http://svc/y");

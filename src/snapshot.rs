@@ -30,6 +30,20 @@ pub struct Target {
     pub cluster: Arc<Cluster>,
     pub stats: Arc<RouteStats>,
     pub stack: RouteStack,
+    /// `Upgrade` tokens tunnelled, lowercase.
+    pub upgrades: Arc<[String]>,
+    /// CONNECT opens a TCP tunnel to the cluster.
+    pub connect: bool,
+}
+
+impl Target {
+    pub fn allows_upgrade(&self, token: &str) -> bool {
+        self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(token))
+    }
+}
+
+fn upgrades(list: &[String]) -> Arc<[String]> {
+    list.iter().map(|u| u.to_ascii_lowercase()).collect()
 }
 
 /// Builds the stack of one route toward one cluster. `bucket` and `retry`
@@ -141,6 +155,8 @@ impl Snapshot {
                                 cluster,
                                 stats,
                                 stack,
+                                upgrades: upgrades(&r.upgrades),
+                                connect: r.connect,
                             })
                         })
                         .collect()
@@ -176,6 +192,8 @@ impl Snapshot {
                     cluster,
                     stats: RouteStats::new(&l.name, "inbound", &name),
                     stack,
+                    upgrades: upgrades(&config::default_upgrades()),
+                    connect: false,
                 }
             });
             listeners.insert(
@@ -207,12 +225,12 @@ mod tests {
     #[test]
     fn unchanged_clusters_are_kept_across_snapshots() {
         let a = Config::from_yaml(
-            "clusters:\n  - { name: a, endpoints: [ { address: 127.0.0.1:1 } ] }\n  - { name: b }\n",
+            "listeners: [ { name: l, role: outbound, address: 127.0.0.1:0 } ]\nclusters:\n  - { name: a, endpoints: [ { address: 127.0.0.1:1 } ] }\n  - { name: b }\n",
         )
         .unwrap();
         let s1 = Snapshot::build(a, 1, None).unwrap();
         let b = Config::from_yaml(
-            "clusters:\n  - { name: a, endpoints: [ { address: 127.0.0.1:1 } ] }\n  - { name: b, lb: random }\n",
+            "listeners: [ { name: l, role: outbound, address: 127.0.0.1:0 } ]\nclusters:\n  - { name: a, endpoints: [ { address: 127.0.0.1:1 } ] }\n  - { name: b, lb: random }\n",
         )
         .unwrap();
         let s2 = Snapshot::build(b, 2, Some(&s1)).unwrap();

@@ -207,8 +207,10 @@ async fn gateway_adds_forwarded_headers() {
     )
     .await;
     let h = up.last().headers;
-    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    // An internet client's own claim is not trusted: the peer is the client.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,10 +38,11 @@ impl State {
         let _ = rx.wait_for(|s| *s).await;
     }
 
+    /// Ready: config applied, not draining, and at least one listener serving.
     fn ready(&self) -> bool {
         self.proxy
             .get()
-            .is_some_and(|p| !p.shared.draining.load(SeqCst))
+            .is_some_and(|p| !p.shared.draining.load(SeqCst) && p.listening() > 0)
     }
 }
 

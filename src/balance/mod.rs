@@ -163,11 +163,54 @@ impl Cluster {
         }
     }
 
+    /// A TCP connection to one of the endpoints, for a CONNECT tunnel:
+    /// picked as a request would be, and counted as a request and a
+    /// connection of the cluster for as long as it lives.
+    pub async fn connect_tcp(&self, headers: &HeaderMap) -> Result<TcpTunnel, ProxyError> {
+        let request = self
+            .limits
+            .try_acquire(Limit::Requests)
+            .ok_or(ProxyError::Overloaded {
+                limit: Limit::Requests.as_str(),
+            })?;
+        let connection =
+            self.limits
+                .try_acquire(Limit::Connections)
+                .ok_or(ProxyError::Overloaded {
+                    limit: Limit::Connections.as_str(),
+                })?;
+        let idx = self
+            .pick(headers, None)
+            .ok_or_else(|| ProxyError::NoEndpoints(self.name.clone()))?;
+        let endpoint = &self.endpoints[idx];
+        match endpoint.connect_tcp().await {
+            Ok(stream) => Ok(TcpTunnel {
+                stream,
+                addr: endpoint.addr,
+                _permits: (request, connection),
+            }),
+            Err(e) => {
+                self.observe(idx, Outcome::ConnectFailure);
+                Err(e.into())
+            }
+        }
+    }
+
     fn observe(&self, idx: usize, outcome: Outcome) {
         if let Some(d) = &self.outlier {
             d.observe(&self.endpoints, health, idx, outcome);
         }
     }
+}
+
+/// A CONNECT tunnel's upstream side.
+pub struct TcpTunnel {
+    pub stream: tokio::net::TcpStream,
+    pub addr: SocketAddr,
+    _permits: (
+        crate::policy::circuit_breaker::Permit,
+        crate::policy::circuit_breaker::Permit,
+    ),
 }
 
 /// Closes idle upstream connections past their timeout and reviews
@@ -242,8 +285,10 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
                 proto = Proto::Http1;
             }
             match endpoint.send(req, proto, fallback, Some(permit)).await {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     cluster.observe(idx, Outcome::Status(resp.status().as_u16()));
+                    // The proxy's own headers come from the proxy, never upstream.
+                    crate::http_util::strip_own(resp.headers_mut());
                     let mut resp = resp.map(RespBody::Upstream);
                     resp.extensions_mut().insert(Served(endpoint.addr));
                     Ok(resp)

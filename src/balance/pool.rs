@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -59,8 +59,58 @@ pub enum Proto {
     Http2,
 }
 
+/// What an HTTP/1 upstream connection's users share: its connection
+/// permit, held by the connection task and by whoever holds the connection
+/// (after an upgrade, the tunnel), and whether the request now on it has
+/// been sent whole. A connection goes back to the pool only when both
+/// directions are complete: an endpoint that answers an upload before
+/// reading it (401, 413) leaves the rest of the body on the connection,
+/// and the next caller would wait behind it.
+struct H1Conn {
+    _permit: Permit,
+    request_done: AtomicBool,
+}
+
+/// An HTTP/1 connection as the pool holds it.
+struct Pooled {
+    sender: http1::SendRequest<H1Body>,
+    conn: Arc<H1Conn>,
+}
+
+/// A request body on an HTTP/1 upstream connection: marks the request
+/// complete when it ends.
+pub struct H1Body {
+    inner: ReqBody,
+    conn: Arc<H1Conn>,
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.conn.request_done.store(true, Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 struct Idle {
-    sender: http1::SendRequest<ReqBody>,
+    pooled: Pooled,
     since: Instant,
 }
 
@@ -181,6 +231,7 @@ impl Endpoint {
                 _in_flight: guard,
                 _permit: permit,
                 idle: None,
+                _tunnel: None,
             })),
             Err(e) => {
                 self.failures.fetch_add(1, Relaxed);
@@ -199,14 +250,14 @@ impl Endpoint {
         // the request was not yet written, hyper hands it back and we try the
         // next connection (at most a fresh one after the pool is exhausted).
         loop {
-            let (mut sender, fresh) = match self.checkout() {
+            let (mut pooled, fresh) = match self.checkout() {
                 Some(s) => (s, false),
                 None => match self.h1_sender_or_permit().await? {
                     Ok(s) => (s, false),
                     Err(permit) => (self.connect_h1(permit).await?, true),
                 },
             };
-            if let Err(source) = sender.ready().await {
+            if let Err(source) = pooled.sender.ready().await {
                 if fresh {
                     return Err(UpstreamError::Handshake {
                         addr: self.addr,
@@ -215,19 +266,22 @@ impl Endpoint {
                 }
                 continue;
             }
+            let conn = pooled.conn.clone();
+            conn.request_done.store(req.body().is_end_stream(), Relaxed);
+            let tracked = req.map(|inner| H1Body { inner, conn });
             // Latency is measured from the write, so connection set-up does not count against the endpoint.
             let start = Instant::now();
-            match sender.try_send_request(req).await {
+            match pooled.sender.try_send_request(tracked).await {
                 Ok(resp) => {
                     self.ewma.observe(start.elapsed());
                     let ret = PoolReturn {
-                        sender,
+                        pooled,
                         endpoint: self.clone(),
                     };
                     return Ok(resp.map(|b| (b, Some(ret))));
                 }
                 Err(mut e) => match e.take_message() {
-                    Some(back) if !fresh => req = back,
+                    Some(back) if !fresh => req = back.map(|b| b.inner),
                     _ => {
                         return Err(UpstreamError::Request {
                             addr: self.addr,
@@ -273,25 +327,31 @@ impl Endpoint {
         Ok(resp)
     }
 
-    fn checkout(&self) -> Option<http1::SendRequest<ReqBody>> {
+    fn checkout(&self) -> Option<Pooled> {
         let mut idle = self.idle.lock();
         while let Some(i) = idle.pop() {
-            if !i.sender.is_closed() && i.since.elapsed() < self.settings.idle_timeout {
-                return Some(i.sender);
+            if !i.pooled.sender.is_closed() && i.since.elapsed() < self.settings.idle_timeout {
+                return Some(i.pooled);
             }
         }
         None
     }
 
-    fn checkin(&self, sender: http1::SendRequest<ReqBody>) {
-        if sender.is_closed() {
+    fn checkin(&self, pooled: Pooled) {
+        if pooled.sender.is_closed() {
+            return;
+        }
+        if !pooled.conn.request_done.load(Relaxed) {
+            // The response ended before the request did: the rest of the
+            // body still owns this connection. Dropped, it closes once done.
+            tracing::debug!(endpoint = %self.addr, "response ended before the request body; connection not reused");
             return;
         }
         let mut idle = self.idle.lock();
         if idle.len() < self.settings.max_idle {
             self.returned.notify_one();
             idle.push(Idle {
-                sender,
+                pooled,
                 since: Instant::now(),
             });
         }
@@ -302,10 +362,11 @@ impl Endpoint {
         let limit = self.settings.idle_timeout;
         self.idle
             .lock()
-            .retain(|i| !i.sender.is_closed() && i.since.elapsed() < limit);
+            .retain(|i| !i.pooled.sender.is_closed() && i.since.elapsed() < limit);
     }
 
-    async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+    /// A plain TCP connection to the endpoint, within the connect timeout.
+    pub async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
         let addr = self.addr;
         let after = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(after, TcpStream::connect(addr)).await {
@@ -326,9 +387,7 @@ impl Endpoint {
 
     /// A connection permit, or (HTTP/1) a wait for a pooled connection as
     /// one of at most `max_pending` waiters.
-    async fn h1_sender_or_permit(
-        &self,
-    ) -> Result<Result<http1::SendRequest<ReqBody>, Permit>, UpstreamError> {
+    async fn h1_sender_or_permit(&self) -> Result<Result<Pooled, Permit>, UpstreamError> {
         if let Some(p) = self.limits.try_acquire(Limit::Connections) {
             return Ok(Err(p));
         }
@@ -351,11 +410,8 @@ impl Endpoint {
         }
     }
 
-    async fn connect_h1(
-        &self,
-        permit: Permit,
-    ) -> Result<http1::SendRequest<ReqBody>, UpstreamError> {
-        let io = TokioIo::new(self.connect().await?);
+    async fn connect_h1(&self, permit: Permit) -> Result<Pooled, UpstreamError> {
+        let io = TokioIo::new(self.connect_tcp().await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -363,13 +419,21 @@ impl Endpoint {
                 addr: self.addr,
                 source,
             })?;
+        let shared = Arc::new(H1Conn {
+            _permit: permit,
+            request_done: AtomicBool::new(true),
+        });
+        let held = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream http1 connection ended");
             }
-            drop(permit);
+            drop(held);
         });
-        Ok(sender)
+        Ok(Pooled {
+            sender,
+            conn: shared,
+        })
     }
 
     /// A new HTTP/2 connection. Until the endpoint is known to speak
@@ -381,7 +445,7 @@ impl Endpoint {
             .limits
             .try_acquire(Limit::Connections)
             .ok_or(UpstreamError::Overloaded(Limit::Connections))?;
-        let stream = self.connect().await?;
+        let stream = self.connect_tcp().await?;
         let (tx, rx) = if self.speaks_h2.load(Relaxed) == H2_YES {
             (None, None)
         } else {
@@ -449,7 +513,7 @@ impl Drop for InFlight {
 }
 
 pub struct PoolReturn {
-    sender: http1::SendRequest<ReqBody>,
+    pooled: Pooled,
     endpoint: Arc<Endpoint>,
 }
 
@@ -463,6 +527,8 @@ pub struct PooledBody {
     /// The cluster's request permit: held until the response is over.
     _permit: Option<Permit>,
     idle: Option<IdleTimer>,
+    /// After an upgrade: the connection (and its permit) the tunnel uses.
+    _tunnel: Option<Arc<H1Conn>>,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -480,14 +546,15 @@ impl PooledBody {
         self.idle = Some(IdleTimer::new(after));
     }
 
-    /// For upgraded connections: the connection now belongs to the tunnel.
+    /// For upgraded connections: the connection now belongs to the tunnel,
+    /// which holds this body (and with it the connection's permit).
     pub fn forget_connection(&mut self) {
-        self.sender = None;
+        self._tunnel = self.sender.take().map(|r| r.pooled.conn);
     }
 
     fn release(&mut self) {
         if let Some(r) = self.sender.take() {
-            r.endpoint.checkin(r.sender);
+            r.endpoint.checkin(r.pooled);
         }
     }
 }

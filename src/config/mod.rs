@@ -117,6 +117,125 @@ pub struct Listener {
     pub stream_idle_timeout: Dur,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Downstream connections open at once; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// HTTP/2 streams open at once on one downstream connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Header fields in one request; more → 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Upgraded connections (WebSocket, CONNECT) open at once; more → 503.
+    #[serde(default = "default_max_tunnels")]
+    pub max_tunnels: u32,
+    /// A tunnel with no byte either way this long is closed (default: the
+    /// stream idle timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_idle_timeout: Option<Dur>,
+    /// Gateway: proxies in front of this listener (a cloud load balancer)
+    /// trusted to have appended to `x-forwarded-for`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub trusted_hops: u32,
+    /// Gateway: peers (CIDRs) trusted to set `x-forwarded-for`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<Cidr>,
+    /// Gateway: keep a client's `x-request-id` instead of replacing it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub trust_request_id: bool,
+    /// Error bodies carry the whole error text (addresses, library
+    /// messages): for debugging; off, a client sees only the reason.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub error_detail: bool,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+fn default_max_connections() -> u32 {
+    16384
+}
+fn default_max_concurrent_streams() -> u32 {
+    256
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_tunnels() -> u32 {
+    1024
+}
+
+/// An address block, `10.0.0.0/8` or `2001:db8::/32` (a bare address is /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (V4(a), V4(b)) => mask_eq(&a.octets(), &b.octets(), self.prefix),
+            (V6(a), V6(b)) => mask_eq(&a.octets(), &b.octets(), self.prefix),
+            _ => false,
+        }
+    }
+}
+
+fn mask_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
+    let full = usize::from(prefix / 8);
+    let rest = prefix % 8;
+    a[..full] == b[..full] && (rest == 0 || (a[full] ^ b[full]) >> (8 - rest) == 0)
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address block like 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 fn default_stream_idle_timeout() -> Dur {
@@ -153,6 +272,21 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Bounds the whole exchange, response body included (`timeout` ends
+    /// at the response head) → 504 before the head, a reset after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_timeout: Option<Dur>,
+    /// HTTP/1.1 upgrades tunnelled to the backend, by `Upgrade` token;
+    /// any other upgrade request is served as plain HTTP/1.1.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
+    /// CONNECT requests open a TCP tunnel to the backend; otherwise 405.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub connect: bool,
+}
+
+pub fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_string()]
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -362,6 +496,14 @@ impl Config {
             );
         }
 
+        if self.listeners.is_empty() {
+            // An empty or truncated file must never be applied: it would
+            // stop every listener while the process looks healthy.
+            err(
+                "listeners".into(),
+                "at least one listener is needed (an empty document would stop all traffic)".into(),
+            );
+        }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {

@@ -1,5 +1,9 @@
 //! Where config comes from. Today: a file, watched and re-applied on change.
 //!
+//! A change is applied once the file has stayed the same for one watch
+//! interval, so a half-written file is never applied; an empty or
+//! listener-less document is refused like any invalid one.
+//!
 //! The file is polled (read and compared) rather than watched with inotify:
 //! Kubernetes updates a mounted ConfigMap by swapping a symlink, which an
 //! inotify watch on the file itself misses, and reading a small file once a
@@ -16,6 +20,10 @@ use std::time::Duration;
 
 pub async fn watch_file(path: PathBuf, proxy: Arc<Proxy>, interval: Duration, mut last: Vec<u8>) {
     let mut read_failed = false;
+    // A changed file is applied only once it reads the same twice in a row,
+    // one interval apart: an editor or `cp` writing it in place is never
+    // caught half-way.
+    let mut pending: Option<Vec<u8>> = None;
     loop {
         tokio::time::sleep(interval).await;
         let bytes = match tokio::fs::read(&path).await {
@@ -32,8 +40,14 @@ pub async fn watch_file(path: PathBuf, proxy: Arc<Proxy>, interval: Duration, mu
             }
         };
         if bytes == last {
+            pending = None;
             continue;
         }
+        if pending.as_ref() != Some(&bytes) {
+            pending = Some(bytes);
+            continue;
+        }
+        pending = None;
         last = bytes;
         apply_text(&proxy, &String::from_utf8_lossy(&last)).await;
     }

@@ -148,6 +148,7 @@ where
                     upstream = meta.and_then(|m| m.upstream).map(|a| a.to_string()).unwrap_or_default(),
                     attempts,
                     flags = %flags(meta.and_then(|m| m.error), attempts),
+                    error = meta.and_then(|m| m.detail.as_deref()).unwrap_or(""),
                     "access"
                 );
             }

@@ -17,7 +17,18 @@ use std::task::{Context, Poll};
 #[derive(Debug)]
 pub struct Routed {
     pub error: ProxyError,
-    pub meta: Option<RouteMeta>,
+    /// Boxed: errors are the rare path, and a small `Result` keeps every
+    /// request's future small.
+    pub meta: Option<Box<RouteMeta>>,
+}
+
+impl Routed {
+    pub fn with(error: ProxyError, meta: RouteMeta) -> Self {
+        Routed {
+            error,
+            meta: Some(Box::new(meta)),
+        }
+    }
 }
 
 impl From<ProxyError> for Routed {
@@ -26,9 +37,11 @@ impl From<ProxyError> for Routed {
     }
 }
 
-/// Builds the response for `err`.
-pub fn to_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
-    let mut r = body_response(err, grpc);
+/// Builds the response for `err`. The body says only the reason (the
+/// `x-outrigger-reason` token): addresses and library errors stay in the
+/// logs, unless the listener asks for `detail` (debugging).
+pub fn to_response(err: &ProxyError, grpc: bool, detail: bool) -> Response<RespBody> {
+    let mut r = body_response(err, grpc, detail);
     let h = r.headers_mut();
     if let Some(n) = err.attempts() {
         h.insert(ATTEMPTS, HeaderValue::from(n));
@@ -43,12 +56,23 @@ pub fn to_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
                 HeaderValue::from(*retry_after_secs),
             );
         }
+        ProxyError::ConnectNotAllowed => {
+            h.insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            );
+        }
+        // The request's framing cannot be trusted: nothing more is read from
+        // this connection.
+        ProxyError::ConflictingFraming => {
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         _ => {}
     }
     r
 }
 
-fn body_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
+fn body_response(err: &ProxyError, grpc: bool, detail: bool) -> Response<RespBody> {
     let reason = HeaderValue::from_static(err.reason());
     if grpc {
         let mut r = Response::new(RespBody::empty());
@@ -62,7 +86,12 @@ fn body_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
         h.insert(REASON, reason);
         return r;
     }
-    let mut r = Response::new(RespBody::text(format!("{}\n", err)));
+    let body = if detail {
+        RespBody::text(format!("{err}\n"))
+    } else {
+        RespBody::text(format!("{}\n", err.reason()))
+    };
+    let mut r = Response::new(body);
     *r.status_mut() = err.status();
     let h = r.headers_mut();
     h.insert(
@@ -75,18 +104,30 @@ fn body_response(err: &ProxyError, grpc: bool) -> Response<RespBody> {
 
 /// Layer that turns `Err(Routed)` from the inner service into a response.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ErrorLayer;
+pub struct ErrorLayer {
+    detail: bool,
+}
+
+impl ErrorLayer {
+    pub fn new(detail: bool) -> Self {
+        ErrorLayer { detail }
+    }
+}
 
 impl<S> tower::Layer<S> for ErrorLayer {
     type Service = ErrorService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ErrorService { inner }
+        ErrorService {
+            inner,
+            detail: self.detail,
+        }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct ErrorService<S> {
     inner: S,
+    detail: bool,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for ErrorService<S>
@@ -109,6 +150,7 @@ where
         ErrorFuture {
             inner: self.inner.call(req),
             grpc,
+            detail: self.detail,
         }
     }
 }
@@ -118,6 +160,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         grpc: bool,
+        detail: bool,
     }
 }
 
@@ -134,13 +177,15 @@ where
             Poll::Ready(Ok(r)) => Poll::Ready(Ok(r)),
             Poll::Ready(Err(Routed { error, meta })) => {
                 tracing::debug!(error = %error, "request failed");
-                let mut r = to_response(&error, *this.grpc);
-                if let Some(mut meta) = meta {
-                    meta.error = Some(error.reason());
-                    r.extensions_mut().insert(meta);
-                } else {
-                    r.extensions_mut().insert(RouteMeta::failed(error.reason()));
+                let mut r = to_response(&error, *this.grpc, *this.detail);
+                let mut meta = meta.map(|m| *m).unwrap_or_default();
+                meta.error = Some(error.reason());
+                // The whole story for the access log; the client got the reason.
+                meta.detail = Some(error.to_string().into());
+                if meta.upstream.is_none() {
+                    meta.upstream = error.upstream();
                 }
+                r.extensions_mut().insert(meta);
                 Poll::Ready(Ok(r))
             }
         }
@@ -157,24 +202,27 @@ mod tests {
             addr: "127.0.0.1:1".parse().unwrap(),
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         });
-        let r = to_response(&e, false);
+        let r = to_response(&e, false, false);
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[REASON], "connect-failure");
-        assert_eq!(to_response(&ProxyError::NoRoute, false).status(), 404);
         assert_eq!(
-            to_response(&ProxyError::ConflictingFraming, false).status(),
+            to_response(&ProxyError::NoRoute, false, false).status(),
+            404
+        );
+        assert_eq!(
+            to_response(&ProxyError::ConflictingFraming, false, false).status(),
             400
         );
     }
 
     #[test]
     fn grpc_gets_trailers_only() {
-        let r = to_response(&ProxyError::NoEndpoints("c".into()), true);
+        let r = to_response(&ProxyError::NoEndpoints("c".into()), true, false);
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "14");
         assert_eq!(r.headers()[REASON], "no-endpoints");
         assert_eq!(
-            to_response(&ProxyError::NoRoute, true).headers()["grpc-status"],
+            to_response(&ProxyError::NoRoute, true, false).headers()["grpc-status"],
             "12"
         );
     }

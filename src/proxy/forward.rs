@@ -1,25 +1,25 @@
-//! Forwarding one request: route match, header rewriting, the route's
-//! policy stack (which picks the endpoint and talks to it), and upgrade
-//! tunnels.
+//! Forwarding one request: the checks a request must pass (framing, host
+//! and authority, header limits), route match, header rewriting, the
+//! route's policy stack (which picks the endpoint and talks to it), and
+//! tunnels (allowed upgrades, CONNECT).
 //!
 //! Everything up to the stack runs synchronously in `call`; the future is
 //! a plain struct around the stack's own future, so a request costs no
 //! boxed future here. Returns typed errors (`Routed`); `error::ErrorLayer`
 //! turns them into responses.
 
-use super::ConnInfo;
 use super::error::{ProxyError, Routed};
 use super::headers;
-use crate::balance::RespBody;
-use crate::balance::{Proto, Served};
+use super::tunnel::{self, TunnelGuard};
+use super::{ConnInfo, ListenerInfo};
+use crate::balance::{Proto, RespBody, Served};
 use crate::body::{ClientBody, ReqBody};
 use crate::config::Role;
 use crate::context::RouteMeta;
 use crate::http_util;
-use crate::snapshot::RouteStack;
-use crate::telemetry::metrics;
+use crate::snapshot::{RouteStack, Target};
 use http::uri::Authority;
-use http::{Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -28,7 +28,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
@@ -48,23 +47,27 @@ impl tower::Service<Request<Incoming>> for Forward {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> ForwardFuture {
-        self.conn.requests.fetch_add(1, Relaxed);
-        match prepare(&self.conn, req) {
-            Ok(sent) => ForwardFuture::Sent {
+        let index = self.conn.requests.fetch_add(1, Relaxed);
+        match prepare(&self.conn, req, index) {
+            Ok(Prepared::Sent(sent)) => ForwardFuture::Sent {
                 inner: sent.inner,
                 after: Some(sent.after),
             },
+            Ok(Prepared::Connect(inner)) => ForwardFuture::Connect { inner },
             Err(e) => ForwardFuture::Failed { error: Some(e) },
         }
     }
 }
 
+type BoxResponse = Pin<Box<dyn Future<Output = Result<Response<RespBody>, Routed>> + Send>>;
+
 /// What the response needs once the stack answers.
 struct After {
     meta: RouteMeta,
+    /// The client's side of an upgrade the route allows.
     upgrade: Option<OnUpgrade>,
     downstream: Proto,
-    stream_idle: Duration,
+    conn: Arc<ConnInfo>,
 }
 
 struct Sent {
@@ -72,10 +75,19 @@ struct Sent {
     after: After,
 }
 
+// `Sent` is the hot path and lives on the stack only until `call` returns.
+#[allow(clippy::large_enum_variant)]
+enum Prepared {
+    Sent(Sent),
+    /// A CONNECT tunnel being opened (rare: boxed).
+    Connect(BoxResponse),
+}
+
 pin_project_lite::pin_project! {
     #[project = ForwardProj]
     pub enum ForwardFuture {
         Sent { #[pin] inner: Oneshot<RouteStack, Request<ReqBody>>, after: Option<After> },
+        Connect { inner: BoxResponse },
         Failed { error: Option<Routed> },
     }
 }
@@ -89,6 +101,7 @@ impl Future for ForwardFuture {
                 Some(e) => Poll::Ready(Err(e)),
                 None => Poll::Pending,
             },
+            ForwardProj::Connect { inner } => inner.as_mut().poll(cx),
             ForwardProj::Sent { inner, after } => {
                 let result = match inner.poll(cx) {
                     Poll::Pending => return Poll::Pending,
@@ -98,51 +111,160 @@ impl Future for ForwardFuture {
                     return Poll::Pending;
                 };
                 Poll::Ready(match result {
-                    Ok(resp) => Ok(finish(resp, after)),
-                    Err(error) => Err(Routed {
-                        error,
-                        meta: Some(after.meta),
-                    }),
+                    Ok(resp) => finish(resp, after),
+                    Err(error) => Err(Routed::with(error, after.meta)),
                 })
             }
         }
     }
 }
 
+/// RFC 9112 §3.2 and RFC 9113 §8.3.1: exactly one host, and where a
+/// request carries both `:authority` (or an absolute-form target) and a
+/// `Host` header, one authority wins: the URI's on HTTP/1.1 (the upstream
+/// gets it as Host), and on HTTP/2 the two must agree. Returns whether
+/// a duplicate `Host` header should be dropped (HTTP/2, equal to
+/// `:authority`).
+fn check_host<B>(req: &Request<B>, downstream: Proto) -> Result<bool, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::DuplicateHost);
+    }
+    let authority = req.uri().authority();
+    if authority.is_some_and(|a| a.as_str().contains('@')) {
+        // RFC 9110 §4.2.4: userinfo has no place in an http(s) URI.
+        return Err(ProxyError::BadHost);
+    }
+    match (authority, host) {
+        (Some(a), Some(h)) if downstream == Proto::Http2 => {
+            if a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) {
+                Ok(true)
+            } else {
+                Err(ProxyError::ConflictingHost)
+            }
+        }
+        (Some(_), _) => Ok(false),
+        (None, Some(h)) => {
+            if valid_host(h.as_bytes()) {
+                Ok(false)
+            } else {
+                Err(ProxyError::BadHost)
+            }
+        }
+        // HTTP/1.0 may omit Host; HTTP/1.1 and HTTP/2 may not.
+        (None, None) if req.version() == http::Version::HTTP_10 => Ok(false),
+        (None, None) => Err(ProxyError::MissingHost),
+    }
+}
+
+/// A `Host` value that is an authority (`host[:port]`, IPv6 in brackets),
+/// checked without building one: nothing that would change the URI.
+fn valid_host(h: &[u8]) -> bool {
+    !h.is_empty()
+        && h.iter().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'.' | b'-'
+                        | b'_'
+                        | b':'
+                        | b'['
+                        | b']'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
+}
+
+/// RFC 9113 §6.5.2: a header list's size is its names and values plus 32
+/// bytes per field.
+fn header_list_size<B>(req: &Request<B>) -> usize {
+    let pseudo = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len())
+        + 4 * 32
+        + 4;
+    req.headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum::<usize>()
+        + pseudo
+}
+
+/// The checks every request passes before anything else looks at it.
+fn admit(
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    index: u64,
+    downstream: Proto,
+) -> Result<bool, ProxyError> {
+    let l = &conn.listener;
+    let h = req.headers();
+    if downstream == Proto::Http1 {
+        // RFC 9112 §6.3: both framings at once is how requests are smuggled.
+        if conn.framing.conflict_at(index)
+            || (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
+        {
+            l.bad_request("conflicting-framing");
+            return Err(ProxyError::ConflictingFraming);
+        }
+    } else if header_list_size(req) > l.max_header_bytes {
+        // h2 accepted up to twice the limit so that this is a counted 431,
+        // as on HTTP/1, not a bare stream reset.
+        l.bad_request("header-too-large");
+        return Err(ProxyError::HeaderTooLarge {
+            limit: l.max_header_bytes,
+        });
+    }
+    if h.len() > l.max_headers {
+        l.bad_request("too-many-headers");
+        l.limit_hit("headers");
+        return Err(ProxyError::TooManyHeaders {
+            limit: l.max_headers,
+        });
+    }
+    check_host(req, downstream).inspect_err(|_| l.bad_request("bad-host"))
+}
+
 /// Routing and header rewriting, up to handing the request to the route's stack.
-fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> {
+fn prepare(
+    conn: &Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+    index: u64,
+) -> Result<Prepared, Routed> {
     let downstream = if req.version() == http::Version::HTTP_2 {
         Proto::Http2
     } else {
         Proto::Http1
     };
-    let h = req.headers();
-    // RFC 9112 §6.3: both framings at once is how requests are smuggled; refuse it.
-    if downstream == Proto::Http1
-        && (conn.framing_conflict.load(Relaxed)
-            || (h.contains_key(header::TRANSFER_ENCODING)
-                && h.contains_key(header::CONTENT_LENGTH)))
-    {
-        metrics()
-            .bad_requests
-            .with_label_values(&[&conn.listener.name, "conflicting-framing"])
-            .inc();
-        return Err(ProxyError::ConflictingFraming.into());
-    }
+    let drop_host = admit(conn, &req, index, downstream)?;
+    let l = &conn.listener;
 
-    let snap = conn.listener.shared.snapshot.load();
+    let snap = l.shared.snapshot.load();
     let routes = snap
         .listeners
-        .get(&conn.listener.name)
+        .get(&l.name)
         .ok_or(ProxyError::ListenerGone)?;
     if let Some(bucket) = &routes.rate_limit {
         bucket.try_acquire()?;
     }
+    let connect = req.method() == Method::CONNECT;
     let host = http_util::authority(&req).unwrap_or("");
-    let target = match routes
-        .table
-        .lookup(host, req.method(), req.uri().path(), req.headers())
-    {
+    // A CONNECT target has no path; it matches routes as `/`.
+    let path = if connect { "/" } else { req.uri().path() };
+    let target = match routes.table.lookup(host, req.method(), path, req.headers()) {
         Some(id) => {
             let b = routes.table.route(id).pick_backend();
             routes.targets[id as usize].get(b)
@@ -154,11 +276,24 @@ fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> 
     };
     let meta = RouteMeta {
         stats: Some(target.stats.clone()),
-        upstream: None,
-        error: None,
+        ..Default::default()
     };
+    if connect {
+        if !target.connect {
+            return Err(Routed::with(ProxyError::ConnectNotAllowed, meta));
+        }
+        check_tunnel_room(l).map_err(|e| Routed::with(e, meta.clone()))?;
+        return Ok(Prepared::Connect(open_connect(conn, target, req, meta)));
+    }
 
-    let upgrade = downstream == Proto::Http1 && headers::wants_upgrade(req.headers());
+    // Only upgrades the route allows are tunnelled (WebSocket by default):
+    // any other, `h2c` above all, would carry traffic past every route,
+    // policy and log. Those requests are served as plain HTTP/1.1.
+    let upgrade = downstream == Proto::Http1
+        && headers::upgrade_token(req.headers()).is_some_and(|t| target.allows_upgrade(t));
+    if upgrade {
+        check_tunnel_room(l).map_err(|e| Routed::with(e, meta.clone()))?;
+    }
     // Upgrades are an HTTP/1.1 mechanism: they go upstream over HTTP/1.1.
     let proto = if upgrade {
         Proto::Http1
@@ -178,63 +313,131 @@ fn prepare(conn: &ConnInfo, mut req: Request<Incoming>) -> Result<Sent, Routed> 
     drop(snap);
     let hdrs = req.headers_mut();
     headers::strip_hop_by_hop(hdrs, upgrade);
-    headers::ensure_request_id(hdrs);
-    if conn.listener.role == Role::Gateway {
-        headers::add_forwarded(hdrs, conn.peer.ip(), "http");
+    if drop_host {
+        hdrs.remove(header::HOST);
+    }
+    if l.role == Role::Gateway {
+        // The internet may not ask for faults, claim attempts or choose
+        // the request id, nor say where it came from unless trusted.
+        headers::strip_own(hdrs);
+        headers::set_request_id(hdrs, !l.trust_request_id);
+        headers::set_forwarded(hdrs, conn.peer.ip(), "http", &l.trust);
+    } else {
+        headers::ensure_request_id(hdrs);
     }
     match proto {
         Proto::Http1 => http_util::to_http1(&mut req),
         Proto::Http2 => http_util::to_http2(&mut req, authority),
     }
     let upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    Ok(Sent {
-        inner: stack.oneshot(req.map(|b| {
-            ReqBody::Incoming(ClientBody::new(b, Some(conn.listener.stream_idle_timeout)))
-        })),
+    Ok(Prepared::Sent(Sent {
+        inner: stack.oneshot(
+            req.map(|b| ReqBody::Incoming(ClientBody::new(b, Some(l.stream_idle_timeout)))),
+        ),
         after: After {
             meta,
             upgrade,
             downstream,
-            stream_idle: conn.listener.stream_idle_timeout,
+            conn: conn.clone(),
         },
+    }))
+}
+
+fn check_tunnel_room(l: &ListenerInfo) -> Result<(), ProxyError> {
+    if l.tunnels.get() >= i64::from(l.max_tunnels) {
+        l.limit_hit("tunnels");
+        return Err(ProxyError::TooManyTunnels {
+            limit: l.max_tunnels,
+        });
+    }
+    Ok(())
+}
+
+/// CONNECT: a TCP connection to the route's cluster, then 200 and the
+/// bytes both ways.
+fn open_connect(
+    conn: &Arc<ConnInfo>,
+    target: &Target,
+    mut req: Request<Incoming>,
+    mut meta: RouteMeta,
+) -> BoxResponse {
+    let cluster = target.cluster.clone();
+    let conn = conn.clone();
+    let down = hyper::upgrade::on(&mut req);
+    Box::pin(async move {
+        let up = match cluster.connect_tcp(req.headers()).await {
+            Ok(up) => up,
+            Err(error) => {
+                return Err(Routed::with(error, meta));
+            }
+        };
+        meta.upstream = Some(up.addr);
+        let l = conn.listener.clone();
+        let guard = TunnelGuard::new(l.tunnels.clone());
+        conn.framing.set_opaque();
+        tokio::spawn(async move {
+            match down.await {
+                Ok(d) => {
+                    let idle = l.tunnel_idle_timeout;
+                    let addr = up.addr;
+                    let crate::balance::TcpTunnel { stream, .. } = up;
+                    let hold = (conn, guard);
+                    let (sent, received) = tunnel::run(TokioIo::new(d), stream, idle, hold).await;
+                    tracing::debug!(%addr, sent, received, "CONNECT tunnel closed");
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        let mut resp = Response::new(RespBody::empty());
+        resp.extensions_mut().insert(meta);
+        Ok(resp)
     })
 }
 
 /// The response on its way back: upgrade tunnel, stream idle timer, hop-by-hop headers.
-fn finish(mut resp: Response<RespBody>, after: After) -> Response<RespBody> {
+fn finish(mut resp: Response<RespBody>, after: After) -> Result<Response<RespBody>, Routed> {
     let After {
         mut meta,
         upgrade,
         downstream,
-        stream_idle,
+        conn,
     } = after;
     meta.upstream = resp.extensions().get::<Served>().map(|s| s.0);
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = upgrade {
-            let up = hyper::upgrade::on(&mut resp);
-            if let RespBody::Upstream(body) = resp.body_mut() {
-                body.forget_connection();
-            }
-            tokio::spawn(async move {
-                match tokio::try_join!(down, up) {
-                    Ok((d, u)) => {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(d),
-                            &mut TokioIo::new(u),
-                        )
-                        .await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                }
-            });
+        let Some(down) = upgrade else {
+            // A 101 the client did not ask for would leave both sides
+            // speaking different protocols on one connection.
+            return Err(Routed::with(ProxyError::UnexpectedUpgrade, meta));
+        };
+        let up = hyper::upgrade::on(&mut resp);
+        // The upstream body holds the cluster's request permit and the
+        // connection's: the tunnel keeps them.
+        let mut body = std::mem::replace(resp.body_mut(), RespBody::empty());
+        if let RespBody::Upstream(b) = &mut body {
+            b.forget_connection();
         }
+        let l = conn.listener.clone();
+        let guard = TunnelGuard::new(l.tunnels.clone());
+        conn.framing.set_opaque();
+        let idle = l.tunnel_idle_timeout;
+        tokio::spawn(async move {
+            match tokio::try_join!(down, up) {
+                Ok((d, u)) => {
+                    let hold = (conn, body, guard);
+                    let (sent, received) =
+                        tunnel::run(TokioIo::new(d), TokioIo::new(u), idle, hold).await;
+                    tracing::debug!(sent, received, "upgraded connection closed");
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
         resp.extensions_mut().insert(meta);
-        return resp;
+        return Ok(resp);
     }
 
     if let RespBody::Upstream(body) = resp.body_mut() {
-        body.set_idle_timeout(stream_idle);
+        body.set_idle_timeout(conn.listener.stream_idle_timeout);
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     *resp.version_mut() = match downstream {
@@ -242,7 +445,7 @@ fn finish(mut resp: Response<RespBody>, after: After) -> Response<RespBody> {
         Proto::Http2 => http::Version::HTTP_2,
     };
     resp.extensions_mut().insert(meta);
-    resp
+    Ok(resp)
 }
 
 fn host_authority(host: &str) -> Option<Option<Authority>> {

@@ -1,14 +1,19 @@
 //! Header handling of one request and response: hop-by-hop removal
-//! (RFC 9110 §7.6.1), `x-forwarded-*`, `x-request-id`, and the URI and
-//! `Host` each upstream protocol needs.
+//! (RFC 9110 §7.6.1), what a gateway must not trust from the internet
+//! (`x-outrigger-*`, a client's `x-request-id`, `x-forwarded-for` and
+//! `Forwarded` from untrusted peers), `x-request-id`, and the proxy's own
+//! response headers, which an upstream may not set.
 //!
 //! Hop-by-hop removal first scans the map once and only then removes, so
 //! the common request that carries none costs one pass of cheap compares.
 
+use crate::config::Cidr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
 
 const KEEP_ALIVE: &str = "keep-alive";
 const PROXY_CONNECTION: &str = "proxy-connection";
+const HTTP2_SETTINGS: &str = "http2-settings";
 pub const REQUEST_ID: &str = "x-request-id";
 const XFF: &str = "x-forwarded-for";
 const XFP: &str = "x-forwarded-proto";
@@ -20,6 +25,7 @@ const TRANSFER: u8 = 4;
 const UPGRADE: u8 = 8;
 const KEEPALIVE: u8 = 16;
 const PROXY_CONN: u8 = 32;
+const H2_SETTINGS: u8 = 64;
 
 fn hop_bit(name: &HeaderName) -> u8 {
     if *name == header::CONNECTION {
@@ -35,16 +41,27 @@ fn hop_bit(name: &HeaderName) -> u8 {
         let s = name.as_str();
         match s.len() {
             10 if s == KEEP_ALIVE => KEEPALIVE,
+            14 if s == HTTP2_SETTINGS => H2_SETTINGS,
             16 if s == PROXY_CONNECTION => PROXY_CONN,
             _ => 0,
         }
     }
 }
 
-/// Removes hop-by-hop headers and those named by `Connection`. With
-/// `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive (the
-/// upgrade is forwarded end to end). `TE: trailers` survives: gRPC servers
-/// require it, and it is valid on every hop.
+/// End-to-end headers the proxy relies on: `Connection` may not remove
+/// them (`Connection: host` would otherwise strip the Host it routed on).
+fn protected(token: &str) -> bool {
+    token.eq_ignore_ascii_case("host")
+        || token.eq_ignore_ascii_case("content-length")
+        || token.eq_ignore_ascii_case("te")
+}
+
+/// Removes hop-by-hop headers and every header named by `Connection`
+/// (except the protected ones). With `keep_upgrade`, `Connection: upgrade`
+/// and `Upgrade` survive (the upgrade is forwarded end to end). `TE:
+/// trailers` survives: gRPC servers require it, and it is valid on every
+/// hop. A chunked message loses `Content-Length` too (RFC 9112 §6.3: the
+/// length of a chunked message is the chunks', never the header's).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let mut present = 0u8;
     for name in headers.keys() {
@@ -55,9 +72,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if present & CONN != 0 {
         // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-        // Look them up by &str: no allocation for the common tokens.
-        let mut listed: [Option<HeaderName>; 4] = Default::default();
-        let mut n = 0;
+        // The common tokens cost no allocation; others are collected first
+        // (the map cannot change while its Connection values are read).
+        let mut listed: Vec<HeaderName> = Vec::new();
         for v in headers.get_all(header::CONNECTION) {
             let Ok(s) = v.to_str() else { continue };
             for token in s.split(',') {
@@ -66,24 +83,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                     || t.eq_ignore_ascii_case("keep-alive")
                     || t.eq_ignore_ascii_case("close")
                     || t.eq_ignore_ascii_case("upgrade")
+                    || protected(t)
                 {
                     continue;
                 }
-                if n < listed.len()
-                    && let Ok(name) = HeaderName::from_bytes(t.as_bytes())
-                {
-                    listed[n] = Some(name);
-                    n += 1;
+                if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                    listed.push(name);
                 }
             }
         }
-        for name in listed.into_iter().flatten() {
+        for name in listed {
             headers.remove(name);
         }
         headers.remove(header::CONNECTION);
     }
     if present & TE_ != 0 {
-        let trailers = headers.get(header::TE).is_some_and(|v| {
+        let trailers = headers.get_all(header::TE).iter().any(|v| {
             v.as_bytes()
                 .split(|b| *b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
@@ -96,12 +111,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if present & TRANSFER != 0 {
         headers.remove(header::TRANSFER_ENCODING);
+        headers.remove(header::CONTENT_LENGTH);
     }
     if present & KEEPALIVE != 0 {
         headers.remove(KEEP_ALIVE);
     }
     if present & PROXY_CONN != 0 {
         headers.remove(PROXY_CONNECTION);
+    }
+    if present & H2_SETTINGS != 0 {
+        headers.remove(HTTP2_SETTINGS);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -110,22 +129,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// True for an HTTP/1.1 request asking to switch protocols (WebSocket).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-        })
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade` with
+/// `Connection: upgrade`): its first token.
+pub fn upgrade_token(headers: &HeaderMap) -> Option<&str> {
+    let up = headers.get(header::UPGRADE)?;
+    let asks = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if !asks {
+        return None;
+    }
+    let first = up.to_str().ok()?.split(',').next()?.trim();
+    // `websocket/13` → `websocket`: routes allow protocols, not versions.
+    Some(first.split('/').next().unwrap_or(first))
 }
 
-/// Adds `x-request-id` when absent.
-pub fn ensure_request_id(headers: &mut HeaderMap) {
+pub use crate::http_util::strip_own;
+
+/// Adds `x-request-id` when absent, or replaces a client's (`replace`).
+pub fn set_request_id(headers: &mut HeaderMap, replace: bool) {
     // A static name: no per-request parsing or validation of "x-request-id".
     static NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
-    let header::Entry::Vacant(slot) = headers.entry(NAME.clone()) else {
-        return;
+    let slot = match headers.entry(NAME.clone()) {
+        header::Entry::Occupied(_) if !replace => return,
+        e => e,
     };
     let mut buf = [0u8; 32];
     let mut n = fastrand::u128(..);
@@ -134,19 +163,78 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
         n >>= 4;
     }
     if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        slot.insert(v);
+        match slot {
+            header::Entry::Vacant(s) => {
+                s.insert(v);
+            }
+            header::Entry::Occupied(mut s) => {
+                s.insert(v);
+            }
+        }
     }
 }
 
-/// Gateway listeners: append the client to `x-forwarded-for`, set `x-forwarded-proto`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: std::net::IpAddr, proto: &'static str) {
-    let ip = client.to_string();
-    let value = match headers.get(XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+/// Adds `x-request-id` when absent.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    set_request_id(headers, false);
+}
+
+/// Who a gateway trusts to have said where a request came from.
+#[derive(Clone, Debug, Default)]
+pub struct Trust {
+    /// Proxies in front (their entries at the right of the chain are kept).
+    pub hops: u32,
+    pub proxies: Vec<Cidr>,
+}
+
+impl Trust {
+    fn peer_trusted(&self, peer: IpAddr) -> bool {
+        self.hops > 0 || self.proxies.iter().any(|c| c.contains(peer))
+    }
+}
+
+/// The entries of every `name` line, in order: several lines are one list.
+fn chain(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+/// Gateway listeners: `x-forwarded-for` and `Forwarded` (RFC 7239) say
+/// the peer, appended to what came in only when the peer is trusted (a
+/// configured proxy, or `trusted_hops` of them, of whose entries only the
+/// last `hops` are kept); an untrusted client's own claims are dropped.
+/// `x-forwarded-proto` is the listener's.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str, trust: &Trust) {
+    let trusted = trust.peer_trusted(peer);
+    let keep = |mut entries: Vec<String>| -> Vec<String> {
+        if !trusted {
+            return Vec::new();
+        }
+        if trust.hops > 0 && entries.len() > trust.hops as usize {
+            entries.drain(..entries.len() - trust.hops as usize);
+        }
+        entries
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let mut xff = keep(chain(headers, XFF));
+    xff.push(peer.to_string());
+    let mut fwd = keep(chain(headers, "forwarded"));
+    fwd.push(match peer {
+        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    });
+    headers.remove(XFF);
+    headers.remove(header::FORWARDED);
+    if let Ok(v) = HeaderValue::from_str(&xff.join(", ")) {
         headers.insert(XFF, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&fwd.join(", ")) {
+        headers.insert(header::FORWARDED, v);
     }
     headers.insert(XFP, HeaderValue::from_static(proto));
 }
@@ -175,6 +263,7 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("te", "trailers, deflate"),
             ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
             ("x-keep", "yes"),
         ]);
         strip_hop_by_hop(&mut h, false);
@@ -184,29 +273,106 @@ mod tests {
     }
 
     #[test]
+    fn every_listed_name_goes_but_never_host() {
+        let mut h = map(&[
+            ("connection", "a, b, c, d, e, f, host, Content-Length"),
+            ("host", "svc"),
+            ("content-length", "3"),
+            ("a", "1"),
+            ("b", "1"),
+            ("c", "1"),
+            ("d", "1"),
+            ("e", "1"),
+            ("f", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["host"], "svc");
+        assert_eq!(h["content-length"], "3");
+    }
+
+    #[test]
+    fn chunked_messages_lose_a_stale_length() {
+        let mut h = map(&[("transfer-encoding", "chunked"), ("content-length", "10")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
     fn keeps_upgrade_when_asked() {
         let mut h = map(&[
             ("connection", "Upgrade"),
             ("upgrade", "websocket"),
             ("sec-websocket-key", "k"),
         ]);
-        assert!(wants_upgrade(&h));
+        assert_eq!(upgrade_token(&h), Some("websocket"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["sec-websocket-key"], "k");
+        let h = map(&[("upgrade", "h2c")]);
+        assert_eq!(upgrade_token(&h), None, "no Connection: upgrade");
     }
 
     #[test]
-    fn request_id_and_forwarded() {
-        let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
+    fn own_headers_are_stripped() {
+        let mut h = map(&[
+            ("x-outrigger-fault-abort", "503"),
+            ("x-outrigger-attempts", "9"),
+            ("x-outrigger", "not ours"),
+            ("x-other", "1"),
+        ]);
+        strip_own(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+    }
+
+    #[test]
+    fn request_id_kept_or_replaced() {
+        let mut h = HeaderMap::new();
         ensure_request_id(&mut h);
         assert_eq!(h[REQUEST_ID].len(), 32);
         let id = h[REQUEST_ID].clone();
         ensure_request_id(&mut h);
         assert_eq!(h[REQUEST_ID], id);
-        add_forwarded(&mut h, "127.0.0.9".parse().unwrap(), "http");
-        assert_eq!(h[XFF], "10.0.0.1, 127.0.0.9");
+        set_request_id(&mut h, true);
+        assert_ne!(h[REQUEST_ID], id);
+    }
+
+    #[test]
+    fn forwarded_trusts_only_trusted_peers() {
+        let peer: IpAddr = "127.0.0.9".parse().unwrap();
+        let spoofed = || {
+            map(&[
+                ("x-forwarded-for", "6.6.6.6, 10.0.0.1"),
+                ("x-forwarded-for", "10.0.0.2"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-forwarded-proto", "https"),
+            ])
+        };
+        let mut h = spoofed();
+        set_forwarded(&mut h, peer, "http", &Trust::default());
+        assert_eq!(h[XFF], "127.0.0.9");
+        assert_eq!(h["forwarded"], "for=127.0.0.9;proto=http");
         assert_eq!(h[XFP], "http");
+
+        let mut h = spoofed();
+        let cidr = Trust {
+            hops: 0,
+            proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        };
+        set_forwarded(&mut h, peer, "http", &cidr);
+        assert_eq!(h[XFF], "6.6.6.6, 10.0.0.1, 10.0.0.2, 127.0.0.9");
+
+        let mut h = spoofed();
+        let one_hop = Trust {
+            hops: 1,
+            proxies: vec![],
+        };
+        set_forwarded(&mut h, peer, "http", &one_hop);
+        assert_eq!(
+            h[XFF], "10.0.0.2, 127.0.0.9",
+            "only the trusted hop's entry"
+        );
+        assert_eq!(h["forwarded"], "for=6.6.6.6, for=127.0.0.9;proto=http");
     }
 }

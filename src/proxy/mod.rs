@@ -4,8 +4,9 @@
 
 pub mod error;
 mod forward;
-mod framing;
+pub mod framing;
 pub mod headers;
+mod tunnel;
 
 use crate::config::{Config, Listener, Role};
 use crate::policy::metrics::{ListenerScope, MetricsLayer};
@@ -45,21 +46,52 @@ pub struct ListenerInfo {
     /// Name, access-log flag and unmatched labels, for the metrics layer.
     pub scope: Arc<ListenerScope>,
     pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_connections: u32,
+    pub max_tunnels: u32,
     pub idle_timeout: Duration,
     pub header_read_timeout: Duration,
     pub stream_idle_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
+    /// Gateway: who may say where a request came from.
+    pub trust: headers::Trust,
+    pub trust_request_id: bool,
+    pub error_detail: bool,
     /// Label sets resolved once per listener, not per connection.
     connections: prometheus::IntGauge,
     connections_total: prometheus::IntCounter,
+    pub tunnels: prometheus::IntGauge,
+    rejected_connections: prometheus::IntCounter,
 }
 
+impl ListenerInfo {
+    /// Counts a refusal by one of the listener's limits.
+    pub fn limit_hit(&self, limit: &str) {
+        metrics()
+            .limit_rejections
+            .with_label_values(&[&self.name, limit])
+            .inc();
+    }
+
+    pub fn bad_request(&self, reason: &str) {
+        metrics()
+            .bad_requests
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+}
+
+/// One downstream connection, shared by its requests and by a tunnel it
+/// turns into: while any of them lives, the connection is counted open.
 pub struct ConnInfo {
     pub listener: Arc<ListenerInfo>,
     pub peer: SocketAddr,
-    /// Set when the first HTTP/1 head carried both Content-Length and Transfer-Encoding.
-    pub framing_conflict: Arc<AtomicBool>,
-    /// Requests started on this connection, for the idle watchdog.
+    /// What the HTTP/1 framing watch found on this connection.
+    pub framing: Arc<framing::Framing>,
+    /// Requests started on this connection, for the idle watchdog and the
+    /// framing watch's head index.
     pub requests: AtomicU64,
+    _open: ConnGuard,
 }
 
 /// What a listener's accept loop serves with; swapped in place when only
@@ -214,11 +246,25 @@ impl Proxy {
                     unmatched: RouteStats::new(&l.name, "", ""),
                 }),
                 max_header_bytes: l.max_header_bytes,
+                max_headers: l.max_headers,
+                max_connections: l.max_connections,
+                max_tunnels: l.max_tunnels,
                 idle_timeout: l.idle_timeout.0,
                 header_read_timeout: l.header_read_timeout.0,
                 stream_idle_timeout: l.stream_idle_timeout.0,
+                tunnel_idle_timeout: l.tunnel_idle_timeout.unwrap_or(l.stream_idle_timeout).0,
+                trust: headers::Trust {
+                    hops: l.trusted_hops,
+                    proxies: l.trusted_proxies.clone(),
+                },
+                trust_request_id: l.trust_request_id,
+                error_detail: l.error_detail,
                 connections: metrics().connections.with_label_values(&[&l.name]),
                 connections_total: metrics().connections_total.with_label_values(&[&l.name]),
+                tunnels: metrics().tunnels.with_label_values(&[&l.name]),
+                rejected_connections: metrics()
+                    .limit_rejections
+                    .with_label_values(&[&l.name, "connections"]),
             }),
             builder: server_builder(l),
         }
@@ -254,6 +300,14 @@ impl Proxy {
         tokio::time::timeout(deadline, wait).await.is_ok()
     }
 
+    /// Listeners accepting connections.
+    pub fn listening(&self) -> usize {
+        if self.shared.draining.load(SeqCst) {
+            return 0;
+        }
+        self.listeners.lock().len()
+    }
+
     pub fn active_connections(&self) -> usize {
         self.shared.active.load(SeqCst)
     }
@@ -276,12 +330,18 @@ fn server_builder(l: &Listener) -> Arc<auto::Builder<TokioExecutor>> {
     b.http1()
         .timer(TokioTimer::new())
         .max_buf_size(l.max_header_bytes)
+        .max_headers(l.max_headers)
         // hyper's header timer allocates a sleep per request; the per-connection
         // idle watchdog in `serve_connection` bounds idle and slow clients instead.
         .header_read_timeout(None);
+    // h2 accepts twice the header limit, so that a list over the limit
+    // reaches the service and gets the same counted 431 as on HTTP/1
+    // rather than h2's bare stream reset.
+    let h2_list = l.max_header_bytes.saturating_mul(2);
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(h2_list).unwrap_or(u32::MAX))
+        .max_concurrent_streams(l.max_concurrent_streams)
         .keep_alive_interval(Duration::from_secs(60));
     Arc::new(b)
 }
@@ -292,19 +352,28 @@ async fn accept_loop(
     serving: Arc<ArcSwap<Serving>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
                     let s = serving.load();
+                    if s.info.connections.get() >= i64::from(s.info.max_connections) {
+                        // Closed at once: a client gets a reset, not a queue.
+                        s.info.rejected_connections.inc();
+                        drop(stream);
+                        continue;
+                    }
                     tokio::spawn(serve_connection(stream, peer, s.info.clone(), s.builder.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             }
         }
@@ -313,6 +382,10 @@ async fn accept_loop(
     drop(listener);
     tracing::info!(listener = %name, "stopped accepting");
 }
+
+/// Accept errors (out of file descriptors) back off from 5 ms up to 1 s.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 struct ConnGuard {
     shared: Arc<Shared>,
@@ -336,32 +409,27 @@ async fn serve_connection(
 ) {
     let shared = info.shared.clone();
     shared.active.fetch_add(1, SeqCst);
-    let m = metrics();
     let gauge = info.connections.clone();
     gauge.inc();
     info.connections_total.inc();
-    let _guard = ConnGuard {
+    let open = ConnGuard {
         shared: shared.clone(),
         gauge,
     };
     let _ = stream.set_nodelay(true);
-    let stream = framing::FramingWatch::new(
-        stream,
-        info.max_header_bytes,
-        Some(info.header_read_timeout),
-    );
-    let framing_conflict = stream.conflict.clone();
-    let header_timed_out = stream.timed_out.clone();
+    let stream = framing::FramingWatch::new(stream, Some(info.header_read_timeout));
+    let framing = stream.framing.clone();
 
     let conn_info = Arc::new(ConnInfo {
         listener: info.clone(),
         peer,
-        framing_conflict,
+        framing: framing.clone(),
         requests: AtomicU64::new(0),
+        _open: open,
     });
     let stack = tower::ServiceBuilder::new()
         .layer(MetricsLayer::new(info.scope.clone()))
-        .layer(ErrorLayer)
+        .layer(ErrorLayer::new(info.error_detail))
         .service(Forward {
             conn: conn_info.clone(),
         });
@@ -395,17 +463,14 @@ async fn serve_connection(
             conn.await
         }
     };
-    if header_timed_out.load(SeqCst) {
-        m.bad_requests
-            .with_label_values(&[&info.name, "header-timeout"])
-            .inc();
+    drop(conn_info);
+    if framing.timed_out.load(SeqCst) {
+        info.bad_request("header-timeout");
         tracing::debug!(listener = %info.name, %peer, "request head timed out (408)");
     } else if let Err(e) = result {
         let reason = classify(e.as_ref());
         if let Some(reason) = reason {
-            m.bad_requests
-                .with_label_values(&[&info.name, reason])
-                .inc();
+            info.bad_request(reason);
             tracing::debug!(listener = %info.name, %peer, reason, error = %e, "bad request");
         } else {
             tracing::debug!(listener = %info.name, %peer, error = %e, "connection ended with error");

@@ -275,8 +275,9 @@ mod tests {
     use crate::config::Config;
 
     fn table(yaml_routes: &str) -> RouteTable {
-        let doc =
-            format!("routes:\n{yaml_routes}\nclusters:\n  - {{ name: a }}\n  - {{ name: b }}\n");
+        let doc = format!(
+            "listeners: [ {{ name: l, role: outbound, address: 127.0.0.1:0 }} ]\nroutes:\n{yaml_routes}\nclusters:\n  - {{ name: a }}\n  - {{ name: b }}\n"
+        );
         let c = Config::from_yaml(&doc).unwrap();
         RouteTable::compile(&c.routes).unwrap()
     }

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub endpoints: IntGaugeVec,
     pub rate_limited: IntCounterVec,
     pub faults: IntCounterVec,
+    pub tunnels: IntGaugeVec,
+    pub limit_rejections: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -131,6 +133,19 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Faults injected, by route and kind (abort, delay).",
         &["route", "kind"],
     )?;
+    let limit_rejections = counter(
+        "outrigger_limit_rejections_total",
+        "Connections and requests refused by a listener limit (connections, tunnels, headers).",
+        &["listener", "limit"],
+    )?;
+    let tunnels = IntGaugeVec::new(
+        Opts::new(
+            "outrigger_tunnels",
+            "Open tunnels (upgraded connections and CONNECT).",
+        ),
+        &["listener"],
+    )?;
+    registry.register(Box::new(tunnels.clone()))?;
     let endpoints = IntGaugeVec::new(
         Opts::new(
             "outrigger_endpoints",
@@ -172,6 +187,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         endpoints,
         rate_limited,
         faults,
+        tunnels,
+        limit_rejections,
     })
 }
 

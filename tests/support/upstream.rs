@@ -2,7 +2,8 @@
 //! records what it receives.
 //!
 //! Paths: `/echo` streams the request body back; `/sink` reads the body and
-//! answers its length; `/trailers` answers with trailers; `/ws` is a
+//! answers its length; `/respond` answers with the headers a request asks
+//! for in `x-respond-*`; `/early` answers 413 without reading the body; `/trailers` answers with trailers; `/ws` is a
 //! WebSocket echo; `/status/NNN` answers NNN; `/slow` waits `delay` first;
 //! anything else answers the server's name.
 
@@ -249,6 +250,24 @@ impl Upstream {
             Response::new(BodyExt::boxed(StreamBody::new(stall)))
         } else if path == "/ws" {
             return websocket(&mut req);
+        } else if path == "/respond" {
+            // Answers with the headers asked for in `x-respond-NAME: VALUE`.
+            let mut r = Response::new(full(self.name.clone()));
+            for (k, v) in req.headers() {
+                if let Some(name) = k.as_str().strip_prefix("x-respond-") {
+                    r.headers_mut().append(
+                        http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        v.clone(),
+                    );
+                }
+            }
+            r
+        } else if path == "/early" {
+            // Answers at once without reading the request body (a 413 on an upload).
+            let mut r = self.status(413);
+            r.headers_mut()
+                .insert("connection", "keep-alive".parse().unwrap());
+            return r;
         } else {
             Response::new(full(self.name.clone()))
         };
@@ -303,4 +322,62 @@ fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
         .header("sec-websocket-accept", accept)
         .body(full(Bytes::new()))
         .unwrap()
+}
+
+/// An upstream that answers every request head with fixed raw bytes (a
+/// misbehaving server), counting the heads it saw.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub heads: Arc<AtomicUsize>,
+}
+
+impl RawUpstream {
+    pub async fn start(answer: &'static [u8]) -> RawUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let heads = Arc::new(AtomicUsize::new(0));
+        let h2 = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let heads = h2.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            heads.fetch_add(1, Ordering::SeqCst);
+                            if s.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream { addr, heads }
+    }
+}
+
+/// A TCP echo server (a CONNECT target).
+pub async fn tcp_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }
