@@ -19,6 +19,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("stream idle for {0:?}")]
 pub struct StreamIdle(pub Duration);
 
+/// A response body cut by the route's total timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the route's total timeout passed while the response body streamed")]
+pub struct TotalTimeout;
+
 /// Stream idle timeout: armed only while a body makes its reader wait, so
 /// a body that arrives in one go never creates a timer.
 #[derive(Debug)]

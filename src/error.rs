@@ -194,6 +194,8 @@ pub enum TimeoutKind {
     Route,
     /// One attempt.
     PerTry,
+    /// The whole exchange, response body included.
+    Total,
 }
 
 impl TimeoutKind {
@@ -201,6 +203,7 @@ impl TimeoutKind {
         match self {
             TimeoutKind::Route => "route",
             TimeoutKind::PerTry => "per-try",
+            TimeoutKind::Total => "total",
         }
     }
 }
@@ -250,6 +253,10 @@ impl ProxyError {
                 kind: TimeoutKind::PerTry,
                 ..
             } => "per-try-timeout",
+            ProxyError::Timeout {
+                kind: TimeoutKind::Total,
+                ..
+            } => "total-timeout",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::FaultAbort { .. } => "fault-injected",

@@ -12,15 +12,17 @@ use crate::policy::fault::{Fault, FaultLayer};
 use crate::policy::rate_limit::{RateLimit, RateLimitLayer, TokenBucket};
 use crate::policy::retry::{Retry, RetryLayer, RetryPolicy};
 use crate::policy::timeout::{Timeout, TimeoutLayer};
+use crate::policy::total_timeout::{TotalTimeout, TotalTimeoutLayer};
 use crate::route::{CompileError, RouteTable};
 use crate::telemetry::RouteStats;
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
-/// A route's per-backend service stack, in request order (DESIGN.md):
-/// rate limit → fault → route timeout → retry → per-try timeout → cluster
-/// (circuit breaker, balancer, endpoint).
-pub type RouteStack = RateLimit<Fault<Timeout<Retry<Timeout<ClusterService>>>>>;
+/// A route's per-backend service stack, in request order: rate limit →
+/// total timeout → route timeout → fault → retry → per-try timeout →
+/// cluster (circuit breaker, balancer, endpoint). The fault sits inside
+/// the timeouts, so that an injected delay is bounded like a slow upstream.
+pub type RouteStack = RateLimit<TotalTimeout<Timeout<Fault<Retry<Timeout<ClusterService>>>>>>;
 
 /// What all of a route's stacks share: its rate-limit bucket and retry budget.
 type RouteShared = (Option<Arc<TokenBucket>>, Option<Arc<RetryPolicy>>);
@@ -61,13 +63,17 @@ fn route_stack(
         .map(|d| d.0);
     tower::ServiceBuilder::new()
         .layer(RateLimitLayer::new(bucket))
-        .layer(FaultLayer::new(
-            r.and_then(|r| r.fault.as_ref()),
+        .layer(TotalTimeoutLayer::new(
+            r.and_then(|r| r.total_timeout).map(|d| d.0),
             route_name,
         ))
         .layer(TimeoutLayer::new(
             r.and_then(|r| r.timeout).map(|d| d.0),
             TimeoutKind::Route,
+            route_name,
+        ))
+        .layer(FaultLayer::new(
+            r.and_then(|r| r.fault.as_ref()),
             route_name,
         ))
         .layer(RetryLayer::new(retry, cluster.limits.clone()))

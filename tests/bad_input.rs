@@ -100,3 +100,80 @@ async fn header_limit_is_configurable() {
     assert_eq!(status_of(&resp), 200);
     assert_eq!(up.last().headers["x-s"].len(), 8 * 1024);
 }
+
+fn two_hosts(a: &Upstream, b: &Upstream) -> String {
+    format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0, access_log: true }} ]\nroutes:\n  - {{ name: ra, match: {{ host: a.example }}, backends: [ {{ cluster: a }} ] }}\n  - {{ name: rb, match: {{ host: b.example }}, backends: [ {{ cluster: b }} ] }}\nclusters:\n  - {{ name: a, endpoints: [ {{ address: {} }} ] }}\n  - {{ name: b, endpoints: [ {{ address: {} }} ] }}\n",
+        a.addr, b.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_authority_follow_rfc_9112_and_9113() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let p = ProxyProc::start(&two_hosts(&a, &b));
+    let addr = p.addr("out");
+    let cases: Vec<(&[u8], u16, &str)> = vec![
+        (
+            b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n",
+            400,
+            "no Host",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\nconnection: close\r\n\r\n",
+            400,
+            "two Host headers",
+        ),
+        (
+            b"GET http://user@a.example/ HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n",
+            400,
+            "userinfo",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost: a.exa mple\r\nconnection: close\r\n\r\n",
+            400,
+            "not an authority",
+        ),
+    ];
+    for (bytes, want, what) in cases {
+        let resp = raw(addr, bytes);
+        assert_eq!(status_of(&resp), want, "{what}: {resp}");
+    }
+    assert_eq!(a.hits() + b.hits(), 0, "a refused request was forwarded");
+
+    // Absolute form: the target's authority wins over Host, for routing,
+    // for what the upstream sees and for the access log alike.
+    let resp = raw(
+        addr,
+        b"GET http://a.example/x?q=1 HTTP/1.1\r\nhost: b.example\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert_eq!(a.hits(), 1);
+    let seen = a.last();
+    assert_eq!(seen.path, "/x");
+    assert_eq!(seen.headers["host"], "a.example");
+    assert_eq!(seen.headers.get_all("host").iter().count(), 1);
+    let line = p.wait_log(|l| l.contains("\"access\"") && l.contains("\"route\":\"ra\""));
+    assert!(line.contains("\"authority\":\"a.example\""), "{line}");
+
+    // HTTP/1.0 may leave Host out.
+    let resp = raw(addr, b"GET / HTTP/1.0\r\n\r\n");
+    assert_ne!(status_of(&resp), 400, "{resp}");
+
+    // HTTP/2: a host header that disagrees with :authority is refused; one
+    // that agrees is folded into :authority.
+    let h2 = TestClient::h2(addr);
+    let conflicting = http::Request::get("http://a.example/")
+        .header("host", "b.example")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = h2.h2_request_raw(conflicting).await;
+    assert_eq!(resp, 400);
+    let agreeing = http::Request::get("http://a.example/")
+        .header("host", "a.example")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.h2_request_raw(agreeing).await, 200);
+    assert_eq!(b.hits(), 0);
+}

@@ -7,12 +7,13 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -52,14 +53,45 @@ pub enum Kind {
     Probes,
 }
 
+/// Connections each admin or probe server serves at once; more are closed.
+const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive within this, and an idle keep-alive
+/// connection is closed after it.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Binds and serves; returns the bound address.
 pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Some(HEADER_TIMEOUT));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(16)
+            .keep_alive_interval(HEADER_TIMEOUT)
+            .keep_alive_timeout(HEADER_TIMEOUT);
+        let builder = Arc::new(builder);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = crate::proxy::ACCEPT_BACKOFF_MIN;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors: back off, never spin.
+                    tracing::warn!(?kind, error = %e, "admin accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(crate::proxy::ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = crate::proxy::ACCEPT_BACKOFF_MIN;
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(?kind, "admin connection limit reached; closing");
                 continue;
             };
             let state = state.clone();
@@ -70,11 +102,58 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
                     async move { Ok::<_, std::convert::Infallible>(handle(kind, &state, req)) }
                 });
                 let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                drop(slot);
             });
         }
     });
     tracing::info!(?kind, address = %bound, "admin server listening");
     Ok(bound)
+}
+
+/// A loopback host (`localhost`, `127.x.y.z`, `[::1]`, any port).
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The admin port only answers requests addressed to a loopback host, from
+/// no web origin other than a loopback one: a page the developer visits
+/// cannot shut the proxy down, and DNS rebinding cannot read `/config`.
+fn admin_refusal<B>(req: &Request<B>) -> Option<&'static str> {
+    let h = req.headers();
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()));
+    if !host.is_some_and(loopback_host) {
+        return Some("the admin server answers only requests to a loopback host\n");
+    }
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let ok = origin
+            .to_str()
+            .ok()
+            .and_then(|o| {
+                o.strip_prefix("http://")
+                    .or_else(|| o.strip_prefix("https://"))
+            })
+            .is_some_and(loopback_host);
+        if !ok {
+            return Some("cross-origin requests to the admin server are refused\n");
+        }
+    }
+    if h.get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Some("cross-site requests to the admin server are refused\n");
+    }
+    None
 }
 
 fn text(
@@ -93,6 +172,11 @@ fn text(
 
 fn handle(kind: Kind, state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
+    if kind == Kind::Admin
+        && let Some(why) = admin_refusal(&req)
+    {
+        return text(StatusCode::FORBIDDEN, why, PLAIN);
+    }
     match (req.method(), req.uri().path(), kind) {
         (&Method::GET, "/live", _) => text(StatusCode::OK, "live\n", PLAIN),
         (&Method::GET, "/ready", _) => {
@@ -173,4 +257,37 @@ fn clusters_json(p: &Proxy) -> String {
         .collect();
     let doc = json!({ "version": p.version(), "clusters": clusters });
     serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host: &str, origin: Option<&str>) -> Request<()> {
+        let mut b = Request::post("/shutdown").header("host", host);
+        if let Some(o) = origin {
+            b = b.header("origin", o);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_loopback_hosts_and_origins_reach_the_admin() {
+        for ok in [
+            "127.0.0.1:15000",
+            "localhost:15000",
+            "[::1]:15000",
+            "localhost",
+        ] {
+            assert_eq!(admin_refusal(&req(ok, None)), None, "{ok}");
+        }
+        assert!(admin_refusal(&req("attacker.example:15000", None)).is_some());
+        assert!(admin_refusal(&req("127.0.0.1.nip.io", None)).is_some());
+        assert!(admin_refusal(&req("127.0.0.1:15000", Some("https://evil.example"))).is_some());
+        assert!(admin_refusal(&req("127.0.0.1:15000", Some("null"))).is_some());
+        assert_eq!(
+            admin_refusal(&req("127.0.0.1:15000", Some("http://localhost:15000"))),
+            None
+        );
+    }
 }

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -232,6 +233,7 @@ impl Endpoint {
                 _permit: permit,
                 idle: None,
                 _tunnel: None,
+                deadline: None,
             })),
             Err(e) => {
                 self.failures.fetch_add(1, Relaxed);
@@ -529,6 +531,8 @@ pub struct PooledBody {
     idle: Option<IdleTimer>,
     /// After an upgrade: the connection (and its permit) the tunnel uses.
     _tunnel: Option<Arc<H1Conn>>,
+    /// A route's total timeout, over the body too (rare: boxed).
+    deadline: Option<Box<(Pin<Box<tokio::time::Sleep>>, prometheus::IntCounter)>>,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -544,6 +548,12 @@ impl PooledBody {
     /// the upstream sends nothing for `after`.
     pub fn set_idle_timeout(&mut self, after: Duration) {
         self.idle = Some(IdleTimer::new(after));
+    }
+
+    /// Ends the stream with an error at `at` (a route's total timeout),
+    /// counting it in `fired`.
+    pub fn set_deadline(&mut self, at: Instant, fired: prometheus::IntCounter) {
+        self.deadline = Some(Box::new((Box::pin(tokio::time::sleep_until(at)), fired)));
     }
 
     /// For upgraded connections: the connection now belongs to the tunnel,
@@ -568,6 +578,14 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(d) = this.deadline.as_mut()
+            && d.0.as_mut().poll(cx).is_ready()
+        {
+            d.1.inc();
+            this.deadline = None;
+            this.sender = None;
+            return Poll::Ready(Some(Err(Box::new(crate::body::TotalTimeout))));
+        }
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
             Poll::Ready(None) => {

@@ -541,6 +541,41 @@ impl Config {
                     "must be greater than zero".into(),
                 );
             }
+            for (field, v) in [
+                ("max_connections", l.max_connections),
+                ("max_concurrent_streams", l.max_concurrent_streams),
+                ("max_tunnels", l.max_tunnels),
+            ] {
+                if v == 0 {
+                    err(format!("{p}.{field}"), "must be at least 1".into());
+                }
+            }
+            if !(16..=10_000).contains(&l.max_headers) {
+                err(
+                    format!("{p}.max_headers"),
+                    "must be between 16 and 10000".into(),
+                );
+            }
+            if l.tunnel_idle_timeout.is_some_and(|t| t.0.is_zero()) {
+                err(
+                    format!("{p}.tunnel_idle_timeout"),
+                    "must be greater than zero".into(),
+                );
+            }
+            if l.role != Role::Gateway {
+                for (field, set) in [
+                    ("trusted_hops", l.trusted_hops > 0),
+                    ("trusted_proxies", !l.trusted_proxies.is_empty()),
+                    ("trust_request_id", l.trust_request_id),
+                ] {
+                    if set {
+                        err(
+                            format!("{p}.{field}"),
+                            "only gateway listeners take forwarding headers from outside".into(),
+                        );
+                    }
+                }
+            }
         }
 
         let cluster_names: HashSet<&str> = self.clusters.iter().map(|c| c.name.as_str()).collect();
@@ -636,6 +671,29 @@ impl Config {
             }
             if r.timeout.is_some_and(|t| t.0.is_zero()) {
                 err(format!("{p}.timeout"), "must be greater than zero".into());
+            }
+            if r.total_timeout.is_some_and(|t| t.0.is_zero()) {
+                err(
+                    format!("{p}.total_timeout"),
+                    "must be greater than zero".into(),
+                );
+            }
+            for (j, u) in r.upgrades.iter().enumerate() {
+                if u.eq_ignore_ascii_case("h2c") {
+                    err(
+                        format!("{p}.upgrades[{j}]"),
+                        "h2c upgrades are never tunnelled: they would carry requests past every route and policy".into(),
+                    );
+                } else if u.is_empty()
+                    || !u
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    err(
+                        format!("{p}.upgrades[{j}]"),
+                        format!("`{u}` is not an Upgrade protocol token"),
+                    );
+                }
             }
             if let Some(rt) = &r.retry {
                 let rp = format!("{p}.retry");

@@ -265,6 +265,14 @@ pub struct Fault {
     /// `x-outrigger-fault-delay: DURATION` request headers.
     #[serde(default)]
     pub headers: bool,
+    /// A header-requested delay is capped at this (the route timeout
+    /// bounds it too).
+    #[serde(default = "default_max_header_delay")]
+    pub max_header_delay: Dur,
+}
+
+fn default_max_header_delay() -> Dur {
+    Dur::secs(10)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -81,7 +81,7 @@ impl FaultPolicy {
                 .get(DELAY_HEADER)
                 .and_then(|v| config::parse_duration(v.to_str().ok()?).ok())
         {
-            return Some(d);
+            return Some(d.min(self.cfg.max_header_delay.0));
         }
         let d = self.cfg.delay.as_ref()?;
         roll(d.percent).then_some(d.duration.0)
@@ -146,6 +146,7 @@ mod tests {
             }),
             delay: None,
             headers: false,
+            max_header_delay: config::Dur::secs(10),
         };
         let mut svc = FaultLayer::new(Some(&cfg), "f1").layer(ok());
         let mut aborted = 0;
@@ -165,6 +166,7 @@ mod tests {
             abort: None,
             delay: None,
             headers: true,
+            max_header_delay: config::Dur::secs(1),
         };
         let mut svc = FaultLayer::new(Some(&cfg), "f2").layer(ok());
         let req = Request::builder()
@@ -182,12 +184,20 @@ mod tests {
             .unwrap();
         assert!(svc.ready().await.unwrap().call(req).await.is_ok());
         assert_eq!(start.elapsed(), Duration::from_millis(250));
+        let start = tokio::time::Instant::now();
+        let req = Request::builder()
+            .header(DELAY_HEADER, "1000000000s")
+            .body(())
+            .unwrap();
+        assert!(svc.ready().await.unwrap().call(req).await.is_ok());
+        assert_eq!(start.elapsed(), Duration::from_secs(1), "capped");
 
         let mut off = FaultLayer::new(
             Some(&config::Fault {
                 abort: None,
                 delay: None,
                 headers: false,
+                max_header_delay: config::Dur::secs(10),
             }),
             "f2",
         )

@@ -13,6 +13,7 @@ pub mod outlier;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
+pub mod total_timeout;
 
 use std::future::Future;
 use std::pin::Pin;

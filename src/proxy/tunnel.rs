@@ -30,8 +30,10 @@ impl Drop for TunnelGuard {
     }
 }
 
-/// Copies `down` ⇄ `up` until both directions ended, an error, or `idle`
-/// without a byte either way. Returns the bytes copied (down→up, up→down).
+/// Copies `down` ⇄ `up` until the upstream closes, an error, or `idle`
+/// without a byte either way. A client that closes its side (half-close)
+/// still gets what the upstream sends back. Returns the bytes copied
+/// (down→up, up→down).
 pub async fn run<D, U, H>(down: D, up: U, idle: Duration, hold: H) -> (u64, u64)
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -42,10 +44,10 @@ where
     let mut to_up = vec![0u8; BUF];
     let mut to_down = vec![0u8; BUF];
     let (mut sent, mut received) = (0u64, 0u64);
-    let (mut down_open, mut up_open) = (true, true);
+    let mut down_open = true;
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
-    while down_open || up_open {
+    loop {
         tokio::select! {
             r = dr.read(&mut to_up), if down_open => match r {
                 Ok(n) if n > 0 => {
@@ -59,16 +61,18 @@ where
                     let _ = uw.shutdown().await;
                 }
             },
-            r = ur.read(&mut to_down), if up_open => match r {
+            r = ur.read(&mut to_down) => match r {
                 Ok(n) if n > 0 => {
                     if !matches!(tokio::time::timeout(idle, dw.write_all(&to_down[..n])).await, Ok(Ok(()))) {
                         break;
                     }
                     received += n as u64;
                 }
+                // The upstream is done: so is the tunnel (a WebSocket server
+                // closing, a CONNECT target hanging up).
                 _ => {
-                    up_open = false;
                     let _ = dw.shutdown().await;
+                    break;
                 }
             },
             _ = &mut timer => {

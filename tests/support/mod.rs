@@ -326,6 +326,19 @@ impl TestClient {
         )
     }
 
+    /// Sends an HTTP/2 request exactly as built (no Host rewriting); returns its status.
+    pub async fn h2_request_raw(&self, req: http::Request<Full<Bytes>>) -> u16 {
+        let (mut s, conn) = http2::handshake(TokioExecutor::new(), self.connect().await)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        let resp = tokio::time::timeout(READY_TIMEOUT, s.send_request(req))
+            .await
+            .expect("request hung")
+            .expect("request failed");
+        resp.status().as_u16()
+    }
+
     /// The current HTTP/2 connection, if any.
     pub async fn h2_sender(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
         self.h2.lock().await.clone()
