@@ -47,12 +47,13 @@ pub async fn run(opts: &Options) -> Result<(), DemoError> {
             .map_err(|source| DemoError::Bind { name, addr, source })?;
         tokio::spawn(serve_app(l, name));
     }
-    println!("{}", banner());
+    // Not println!: a closed stdout (a pipe to `head`) must not kill the demo.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), banner().as_bytes());
     run::serve(config, None, opts).await?;
     Ok(())
 }
 
-fn banner() -> String {
+pub fn banner() -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -83,6 +84,30 @@ fn banner() -> String {
         (
             "gateway, path routing + x-forwarded-for",
             "curl -s http://127.0.0.1:18080/echo/path",
+        ),
+        (
+            "gateway, the other path",
+            "curl -s http://127.0.0.1:18080/hello",
+        ),
+        (
+            "retries hide the flaky app (1 request in 3 fails): every answer 200, see x-outrigger-attempts",
+            "for i in $(seq 6); do curl -s -o /dev/null -w '%{http_code} ' -H 'host: flaky.demo' http://127.0.0.1:15001/; done; echo",
+        ),
+        (
+            "a 2 s app behind a 500 ms route timeout → 504, reason header `timeout`",
+            "curl -si -H 'host: slow.demo' http://127.0.0.1:15001/",
+        ),
+        (
+            "a dead endpoint beside a live one: retried elsewhere, then ejected (see /clusters)",
+            "for i in $(seq 6); do curl -s -H 'host: mixed.demo' http://127.0.0.1:15001/ | head -1; done",
+        ),
+        (
+            "fault injection: half the requests aborted with 503",
+            "for i in $(seq 10); do curl -s -o /dev/null -w '%{http_code} ' -H 'host: chaos.demo' http://127.0.0.1:15001/; done; echo",
+        ),
+        (
+            "fault injection asked for by a header",
+            "curl -si -H 'host: chaos.demo' -H 'x-outrigger-fault-abort: 418' http://127.0.0.1:15001/",
         ),
         (
             "no route → 404 with a reason header",
@@ -158,5 +183,22 @@ mod tests {
     #[test]
     fn embedded_config_is_valid() {
         super::Config::from_yaml(super::DEMO_CONFIG).unwrap();
+    }
+
+    #[test]
+    fn the_banner_shows_every_route_of_the_demo() {
+        let config = super::Config::from_yaml(super::DEMO_CONFIG).unwrap();
+        let banner = super::banner();
+        for r in &config.routes {
+            let shown = match &r.matches.host {
+                Some(h) => banner.contains(&format!("host: {h}")),
+                None => r
+                    .matches
+                    .path_prefix
+                    .as_ref()
+                    .is_some_and(|p| banner.contains(&format!("18080{p}"))),
+            };
+            assert!(shown, "route {} is not in the banner", r.name);
+        }
     }
 }
