@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Fuzzing on the stable toolchain (cargo-fuzz with libFuzzer, no sanitizer):
+# replays every input that once broke a target (fuzz/regressions), then runs
+# each target for a bounded time from the committed corpus.
+#   bash fuzz/smoke.sh            # 20 s per target (CI)
+#   FUZZ_SECONDS=600 bash fuzz/smoke.sh   # a longer local run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_TARGET=${FUZZ_SECONDS:-20}
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked --quiet
+fi
+targets=(config route_table headers framing)
+cargo fuzz build -s none -O
+for t in "${targets[@]}"; do
+  if [ -d "fuzz/regressions/$t" ]; then
+    cargo fuzz run -s none -O "$t" fuzz/regressions/"$t"/* -- -runs=1 >/dev/null 2>&1 \
+      || { echo "fuzz: a known crash of $t is back"; cargo fuzz run -s none -O "$t" fuzz/regressions/"$t"/*; exit 1; }
+  fi
+  # Work on a copy of the corpus: a smoke run adds nothing to the repository.
+  work=$(mktemp -d)
+  cp -r "fuzz/corpus/$t/." "$work/"
+  echo "fuzz: $t for ${SECONDS_PER_TARGET}s"
+  log="$work.log"
+  if ! cargo fuzz run -s none -O "$t" "$work" -- -max_total_time="$SECONDS_PER_TARGET" -print_final_stats=1 >"$log" 2>&1; then
+    grep -E -A20 "panicked|SUMMARY" "$log" | head -60
+    echo "fuzz: $t failed (input saved under fuzz/artifacts/$t)"
+    exit 1
+  fi
+  grep -E "stat::number_of_executed_units" "$log" || true
+  rm -rf "$work"
+done
+echo "fuzz: all targets clean"
