@@ -54,6 +54,13 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("mTLS to {addr} failed ({result}): {detail}")]
+    Tls {
+        addr: SocketAddr,
+        /// A bounded label: identity-mismatch, untrusted, expired, timeout, malformed.
+        result: &'static str,
+        detail: String,
+    },
     #[error("{addr} does not speak HTTP/2: it answered the HTTP/2 connection preface {answer}")]
     NotHttp2 {
         addr: SocketAddr,
@@ -69,6 +76,16 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// No byte of the request was sent: a failed mTLS handshake, a refused
+    /// HTTP/2 preface, or a connection that was never made.
+    pub fn nothing_sent(&self) -> bool {
+        self.is_connect()
+            || matches!(
+                self,
+                UpstreamError::Tls { .. } | UpstreamError::NotHttp2 { .. }
+            )
+    }
+
     /// True when nothing reached the upstream application.
     pub fn is_connect(&self) -> bool {
         matches!(
@@ -119,6 +136,7 @@ impl UpstreamError {
             | UpstreamError::ConnectTimeout { addr, .. }
             | UpstreamError::Handshake { addr, .. }
             | UpstreamError::NotHttp2 { addr, .. }
+            | UpstreamError::Tls { addr, .. }
             | UpstreamError::Request { addr, .. } => *addr,
             UpstreamError::Overloaded(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
@@ -153,6 +171,10 @@ pub enum ProxyError {
     ConnectNotAllowed,
     #[error("the upstream switched protocols although the request did not ask to")]
     UnexpectedUpgrade,
+    #[error("not authorized")]
+    Unauthorized,
+    #[error("this listener serves HTTPS: {location}")]
+    RedirectHttps { location: String },
     #[error("listener is being removed")]
     ListenerGone,
     #[error("{} timeout after {after:?}", kind.as_str())]
@@ -225,6 +247,7 @@ impl ProxyError {
             ProxyError::NoEndpoints(_) | ProxyError::ListenerGone => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::Upstream(UpstreamError::Tls { .. }) => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream(e) if e.is_connect() => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ConflictingFraming
@@ -238,6 +261,8 @@ impl ProxyError {
             ProxyError::TooManyTunnels { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
+            ProxyError::Unauthorized => StatusCode::FORBIDDEN,
+            ProxyError::RedirectHttps { .. } => StatusCode::PERMANENT_REDIRECT,
         }
     }
 
@@ -269,6 +294,11 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect-timeout",
             ProxyError::Upstream(UpstreamError::Handshake { .. }) => "upstream-handshake",
             ProxyError::Upstream(UpstreamError::NotHttp2 { .. }) => "protocol-mismatch",
+            ProxyError::Upstream(UpstreamError::Tls {
+                result: "identity-mismatch",
+                ..
+            }) => "identity-mismatch",
+            ProxyError::Upstream(UpstreamError::Tls { .. }) => "upstream-tls",
             ProxyError::Upstream(UpstreamError::Request { .. }) => "upstream-reset",
             ProxyError::Upstream(UpstreamError::Overloaded(_)) => "overloaded",
             ProxyError::ConflictingFraming => "conflicting-framing",
@@ -281,6 +311,8 @@ impl ProxyError {
             ProxyError::TooManyTunnels { .. } => "too-many-tunnels",
             ProxyError::ConnectNotAllowed => "connect-not-allowed",
             ProxyError::UnexpectedUpgrade => "unexpected-upgrade",
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::RedirectHttps { .. } => "https-redirect",
             ProxyError::ListenerGone => "listener-gone",
         }
     }
@@ -289,6 +321,7 @@ impl ProxyError {
     pub fn grpc_status(&self) -> &'static str {
         match self.status() {
             StatusCode::NOT_FOUND => "12",
+            StatusCode::FORBIDDEN => "7",
             StatusCode::BAD_REQUEST => "13",
             StatusCode::GATEWAY_TIMEOUT => "4",
             StatusCode::TOO_MANY_REQUESTS => "8",

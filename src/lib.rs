@@ -17,3 +17,4 @@ pub mod route;
 pub mod run;
 pub mod snapshot;
 pub mod telemetry;
+pub mod tls;

@@ -47,6 +47,39 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// A developer CA for local mTLS: `ca init DIR`, `ca issue --spiffe ID`.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA in DIR (ca.pem, ca-key.pem).
+    Init {
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Issue a workload certificate with a SPIFFE ID: cert.pem, key.pem
+    /// and roots.pem in --out.
+    Issue {
+        /// The workload's SPIFFE ID (spiffe://<trust domain>/ns/<ns>/sa/<sa>).
+        #[arg(long)]
+        spiffe: String,
+        /// The CA's directory (from `ca init`).
+        #[arg(long, default_value = "outrigger-ca")]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the certificate.
+        #[arg(long, default_value = "24h", value_parser = dur)]
+        valid: Duration,
+        /// DNS names to add (for gateway hosts).
+        #[arg(long)]
+        dns: Vec<String>,
+    },
 }
 
 fn dur(s: &str) -> Result<Duration, String> {
@@ -105,6 +138,7 @@ fn main() -> ExitCode {
             };
             block_on(&opts, run::serve(parsed, Some((config, bytes)), &opts))
         }
+        Cmd::Ca { cmd } => ca(cmd),
         Cmd::Demo { common } => {
             outrigger::telemetry::init_logs(&common.log_level);
             let opts = Options {
@@ -133,6 +167,35 @@ fn block_on<E: std::fmt::Display>(
         Err(e) => {
             eprintln!("outrigger: {e}");
             tracing::error!(error = %e, "exiting");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn ca(cmd: CaCmd) -> ExitCode {
+    use outrigger::tls::{ca, spiffe::SpiffeId};
+    let result = match cmd {
+        CaCmd::Init { dir, trust_domain } => ca::init(&dir, &trust_domain)
+            .map(|p| println!("CA for {trust_domain} in {} (key beside it)", p.display())),
+        CaCmd::Issue {
+            spiffe,
+            ca: dir,
+            out,
+            valid,
+            dns,
+        } => match SpiffeId::parse(&spiffe) {
+            Err(e) => {
+                eprintln!("--spiffe: {e}");
+                return ExitCode::from(1);
+            }
+            Ok(id) => ca::issue_to(&dir, &id, &out, valid, &dns)
+                .map(|()| println!("{id}: {}/cert.pem, key.pem, roots.pem", out.display())),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outrigger ca: {e}");
             ExitCode::from(1)
         }
     }

@@ -5,6 +5,7 @@ use crate::admin::{self, Kind};
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::telemetry::metrics;
+use crate::tls::identity::{Credentials, FileSource, IdentityStore};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,32 @@ pub enum RunError {
     },
     #[error(transparent)]
     Apply(#[from] crate::proxy::ApplyError),
+    #[error("identity: {0}")]
+    Identity(#[from] crate::tls::identity::IdentityError),
+}
+
+/// The proxy's identity from its config (the `files` source), and the
+/// task that watches the files for rotation.
+pub fn start_identity(
+    config: &Config,
+    watch_interval: Duration,
+) -> Result<Option<Arc<IdentityStore>>, RunError> {
+    let Some(id) = &config.identity else {
+        return Ok(None);
+    };
+    let Some(files) = &id.source.files else {
+        return Ok(None);
+    };
+    let source = FileSource {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        roots: files.roots.clone(),
+    };
+    let creds = Credentials::from_files(&source, &id.trust_domain)?;
+    tracing::info!(id = %creds.id, serial = %creds.serial, not_after = creds.not_after, "identity loaded");
+    let store = IdentityStore::new(&id.trust_domain, creds);
+    tokio::spawn(source.watch(store.clone(), watch_interval));
+    Ok(Some(store))
 }
 
 /// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains.
@@ -63,7 +90,8 @@ pub async fn serve(
             .await
             .map_err(|source| RunError::Admin { addr, source })?;
     }
-    let proxy = Proxy::start(config).await?;
+    let identity = start_identity(&config, opts.watch_interval)?;
+    let proxy = Proxy::start(config, identity).await?;
     metrics().feed_updates.with_label_values(&["ack"]).inc();
     state.set_proxy(proxy.clone());
     tracing::info!(version = proxy.version(), "ready");

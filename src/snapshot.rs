@@ -8,6 +8,7 @@
 use crate::balance::{Cluster, ClusterService};
 use crate::config::{self, Config, Role};
 use crate::error::TimeoutKind;
+use crate::policy::authz::{Authz, AuthzLayer, AuthzService};
 use crate::policy::fault::{Fault, FaultLayer};
 use crate::policy::rate_limit::{RateLimit, RateLimitLayer, TokenBucket};
 use crate::policy::retry::{Retry, RetryLayer, RetryPolicy};
@@ -15,14 +16,17 @@ use crate::policy::timeout::{Timeout, TimeoutLayer};
 use crate::policy::total_timeout::{TotalTimeout, TotalTimeoutLayer};
 use crate::route::{CompileError, RouteTable};
 use crate::telemetry::RouteStats;
+use crate::tls::identity::IdentityStore;
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
-/// A route's per-backend service stack, in request order: rate limit →
+/// A route's per-backend service stack, in request order: authorization
+/// (the listener's) → rate limit →
 /// total timeout → route timeout → fault → retry → per-try timeout →
 /// cluster (circuit breaker, balancer, endpoint). The fault sits inside
 /// the timeouts, so that an injected delay is bounded like a slow upstream.
-pub type RouteStack = RateLimit<TotalTimeout<Timeout<Fault<Retry<Timeout<ClusterService>>>>>>;
+pub type RouteStack =
+    AuthzService<RateLimit<TotalTimeout<Timeout<Fault<Retry<Timeout<ClusterService>>>>>>>;
 
 /// What all of a route's stacks share: its rate-limit bucket and retry budget.
 type RouteShared = (Option<Arc<TokenBucket>>, Option<Arc<RetryPolicy>>);
@@ -54,6 +58,7 @@ fn route_stack(
     r: Option<&config::Route>,
     route_name: &str,
     cluster: &Arc<Cluster>,
+    authz: Option<Arc<Authz>>,
     bucket: Option<Arc<TokenBucket>>,
     retry: Option<Arc<RetryPolicy>>,
 ) -> RouteStack {
@@ -62,6 +67,7 @@ fn route_stack(
         .and_then(|rt| rt.per_try_timeout)
         .map(|d| d.0);
     tower::ServiceBuilder::new()
+        .layer(AuthzLayer::new(authz))
         .layer(RateLimitLayer::new(bucket))
         .layer(TotalTimeoutLayer::new(
             r.and_then(|r| r.total_timeout).map(|d| d.0),
@@ -101,16 +107,27 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot of plaintext clusters (tests, benches).
     pub fn build(
         config: Config,
         version: u64,
         prev: Option<&Snapshot>,
     ) -> Result<Snapshot, CompileError> {
+        Self::build_with(config, version, prev, None)
+    }
+
+    /// A snapshot whose endpoints with an identity are reached over mTLS.
+    pub fn build_with(
+        config: Config,
+        version: u64,
+        prev: Option<&Snapshot>,
+        identity: Option<&Arc<IdentityStore>>,
+    ) -> Result<Snapshot, CompileError> {
         let mut clusters = HashMap::default();
         let reuse = |c: &config::Cluster| -> Arc<Cluster> {
             match prev.and_then(|p| p.clusters.get(&c.name)) {
                 Some(old) if old.config == *c => old.clone(),
-                _ => Cluster::new(c),
+                _ => Cluster::with_identity(c, identity),
             }
         };
         for c in &config.clusters {
@@ -132,6 +149,7 @@ impl Snapshot {
             .collect();
         let mut listeners = HashMap::default();
         for l in &config.listeners {
+            let authz = Authz::for_listener(&config.authorization, &l.name);
             let routes: Vec<&config::Route> = config
                 .routes
                 .iter()
@@ -154,6 +172,7 @@ impl Snapshot {
                                 Some(r),
                                 &r.name,
                                 &cluster,
+                                authz.clone(),
                                 bucket.clone(),
                                 retry.clone(),
                             );
@@ -191,9 +210,9 @@ impl Snapshot {
                     .and_then(|p| p.forward.as_ref())
                 {
                     Some(t) if t.cluster.config == cc => t.cluster.clone(),
-                    _ => Cluster::new(&cc),
+                    _ => Cluster::with_identity(&cc, identity),
                 };
-                let stack = route_stack(None, "inbound", &cluster, None, None);
+                let stack = route_stack(None, "inbound", &cluster, authz.clone(), None, None);
                 Target {
                     cluster,
                     stats: RouteStats::new(&l.name, "inbound", &name),
@@ -261,6 +280,7 @@ clusters: [ { name: c } ]
         let bucket = |l: &str| {
             s.listeners[l].targets[0][0]
                 .stack
+                .inner()
                 .bucket()
                 .cloned()
                 .unwrap()

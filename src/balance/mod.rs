@@ -4,6 +4,7 @@
 
 mod ewma;
 mod health;
+mod io;
 mod lb;
 mod pool;
 mod sniff;
@@ -59,7 +60,17 @@ pub struct Tried(pub Arc<Mutex<Vec<SocketAddr>>>);
 pub struct Served(pub SocketAddr);
 
 impl Cluster {
+    /// A cluster of plaintext endpoints.
     pub fn new(c: &config::Cluster) -> Arc<Cluster> {
+        Self::with_identity(c, None)
+    }
+
+    /// A cluster whose endpoints with an identity are reached over mTLS
+    /// with the proxy's `identity` (validation guarantees there is one).
+    pub fn with_identity(
+        c: &config::Cluster,
+        identity: Option<&Arc<crate::tls::identity::IdentityStore>>,
+    ) -> Arc<Cluster> {
         let settings = PoolSettings {
             connect_timeout: c.connect_timeout.0,
             idle_timeout: c.idle_timeout.0,
@@ -69,7 +80,15 @@ impl Cluster {
         let endpoints: Vec<_> = c
             .endpoints
             .iter()
-            .map(|e| Endpoint::new(e.address, &c.name, settings, limits.clone()))
+            .map(|e| {
+                let tls = match (&e.identity, identity) {
+                    (Some(id), Some(store)) => crate::tls::spiffe::SpiffeId::parse(id)
+                        .ok()
+                        .map(|id| Arc::new(crate::tls::mesh_client(store, id))),
+                    _ => None,
+                };
+                Endpoint::with_tls(e.address, &c.name, settings, limits.clone(), tls)
+            })
             .collect();
         let lb = Lb::new(c.lb, c.hash_on.as_ref(), &endpoints);
         let outlier = c
@@ -298,7 +317,7 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
                         // Not the endpoint's fault: nothing for outlier detection.
                         UpstreamError::Overloaded(_) => {}
                         e if e.is_client_body() => {}
-                        e if e.is_connect() => cluster.observe(idx, Outcome::ConnectFailure),
+                        e if e.nothing_sent() => cluster.observe(idx, Outcome::ConnectFailure),
                         _ => cluster.observe(idx, Outcome::Reset),
                     }
                     Err(e.into())

@@ -9,11 +9,13 @@
 //! connection is mid-message.
 
 use super::ewma::PeakEwma;
+use super::io::UpstreamIo;
 use super::sniff::{Answer, Sniff};
 use crate::body::{BoxError, IdleTimer, ReqBody};
 use crate::error::{Limit, UpstreamError};
 use crate::policy::circuit_breaker::{Limits, Permit};
 use crate::policy::outlier::EndpointHealth;
+use crate::tls::MeshClient;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -133,6 +135,9 @@ pub struct Endpoint {
     /// the time (ns) it was found to speak only HTTP/1.1.
     speaks_h2: AtomicU64,
     connect_failures: prometheus::IntCounter,
+    /// mTLS to this endpoint (it has an identity), or plaintext.
+    tls: Option<Arc<MeshClient>>,
+    cluster: Arc<str>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -149,6 +154,17 @@ impl Endpoint {
         cluster: &str,
         settings: PoolSettings,
         limits: Arc<Limits>,
+    ) -> Arc<Endpoint> {
+        Self::with_tls(addr, cluster, settings, limits, None)
+    }
+
+    /// An endpoint reached over mTLS when `tls` is given.
+    pub fn with_tls(
+        addr: SocketAddr,
+        cluster: &str,
+        settings: PoolSettings,
+        limits: Arc<Limits>,
+        tls: Option<Arc<MeshClient>>,
     ) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             addr,
@@ -167,7 +183,43 @@ impl Endpoint {
             connect_failures: crate::telemetry::metrics()
                 .upstream_connect_failures
                 .with_label_values(&[cluster]),
+            tls,
+            cluster: cluster.into(),
         })
+    }
+
+    /// The identity this endpoint must present, if it is reached over mTLS.
+    pub fn identity(&self) -> Option<&crate::tls::spiffe::SpiffeId> {
+        self.tls.as_ref().map(|t| &t.expected)
+    }
+
+    /// A connection with its transport: TCP, then mTLS when the endpoint
+    /// has an identity, all within the connect timeout.
+    async fn connect_io(&self, h2: bool) -> Result<UpstreamIo, UpstreamError> {
+        let tcp = self.connect_tcp().await?;
+        let Some(tls) = &self.tls else {
+            return Ok(UpstreamIo::Plain(tcp));
+        };
+        let after = self.settings.connect_timeout;
+        match tokio::time::timeout(
+            after,
+            super::io::handshake(tcp, tls, h2, self.addr, &self.cluster),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                crate::telemetry::metrics()
+                    .upstream_tls_handshakes
+                    .with_label_values(&[&self.cluster, "timeout"])
+                    .inc();
+                Err(UpstreamError::Tls {
+                    addr: self.addr,
+                    result: "timeout",
+                    detail: format!("no handshake within {after:?}"),
+                })
+            }
+        }
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -413,7 +465,7 @@ impl Endpoint {
     }
 
     async fn connect_h1(&self, permit: Permit) -> Result<Pooled, UpstreamError> {
-        let io = TokioIo::new(self.connect_tcp().await?);
+        let io = TokioIo::new(self.connect_io(false).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -447,8 +499,17 @@ impl Endpoint {
             .limits
             .try_acquire(Limit::Connections)
             .ok_or(UpstreamError::Overloaded(Limit::Connections))?;
-        let stream = self.connect_tcp().await?;
-        let (tx, rx) = if self.speaks_h2.load(Relaxed) == H2_YES {
+        let stream = self.connect_io(true).await?;
+        if self.tls.is_some() && !stream.alpn_h2() {
+            // ALPN is the endpoint's answer: it agreed to HTTP/1.1 only.
+            self.speaks_h2
+                .store(crate::clock::now_ns().max(H2_YES + 1), Relaxed);
+            return Err(UpstreamError::NotHttp2 {
+                addr: self.addr,
+                answer: "with ALPN http/1.1",
+            });
+        }
+        let (tx, rx) = if self.speaks_h2.load(Relaxed) == H2_YES || self.tls.is_some() {
             (None, None)
         } else {
             let (tx, rx) = tokio::sync::oneshot::channel();

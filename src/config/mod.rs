@@ -8,9 +8,11 @@
 
 mod duration;
 mod policy;
+mod security;
 
 pub use duration::{Dur, parse_duration};
 pub use policy::*;
+pub use security::*;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -31,6 +33,11 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// The proxy's workload identity; absent → plaintext only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization: Vec<AuthorizationPolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -147,6 +154,23 @@ pub struct Listener {
     /// messages): for debugging; off, a client sees only the reason.
     #[serde(default, skip_serializing_if = "is_false")]
     pub error_detail: bool,
+    /// `strict`, `permissive`, `disabled` (inbound mTLS), or `{ mode:
+    /// terminate, certificates: [...] }` (gateway TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsField>,
+    /// A plain-HTTP gateway listener that answers every request with a
+    /// redirect to HTTPS on this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_https: Option<u16>,
+}
+
+impl Listener {
+    pub fn tls(&self) -> ListenerTls {
+        self.tls
+            .as_ref()
+            .map(ListenerTlsField::resolved)
+            .unwrap_or_default()
+    }
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -895,6 +919,7 @@ impl Config {
             }
         }
 
+        security::validate_security(self, &mut errs);
         if errs.is_empty() {
             Ok(())
         } else {
@@ -915,7 +940,7 @@ fn check_rate_limit(err: &mut impl FnMut(String, String), p: &str, rl: &RateLimi
     }
 }
 
-fn check_host_pattern(h: &str) -> Result<(), String> {
+pub(crate) fn check_host_pattern(h: &str) -> Result<(), String> {
     if h == "*" {
         return Ok(());
     }

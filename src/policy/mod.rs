@@ -6,6 +6,7 @@
 //! is the inner future itself (`PolicyFuture::Direct`). Only a request the
 //! policy acts on pays for a boxed future.
 
+pub mod authz;
 pub mod circuit_breaker;
 pub mod fault;
 pub mod metrics;

@@ -123,7 +123,7 @@ impl RetryPolicy {
             Err(e) => {
                 let broad = self.on(RetryOn::FiveXx) || self.on(RetryOn::GatewayError);
                 match e {
-                    ProxyError::Upstream(u) if u.is_connect() => {
+                    ProxyError::Upstream(u) if u.nothing_sent() => {
                         (broad || self.on(RetryOn::ConnectFailure)).then_some("connect-failure")
                     }
                     ProxyError::Upstream(u @ UpstreamError::Request { .. })

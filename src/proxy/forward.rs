@@ -251,6 +251,12 @@ fn prepare(
     };
     let drop_host = admit(conn, &req, index, downstream)?;
     let l = &conn.listener;
+    if let Some(port) = l.redirect_https {
+        return Err(ProxyError::RedirectHttps {
+            location: https_location(&req, port),
+        }
+        .into());
+    }
 
     let snap = l.shared.snapshot.load();
     let routes = snap
@@ -316,14 +322,27 @@ fn prepare(
     if drop_host {
         hdrs.remove(header::HOST);
     }
-    if l.role == Role::Gateway {
-        // The internet may not ask for faults, claim attempts or choose
-        // the request id, nor say where it came from unless trusted.
-        headers::strip_own(hdrs);
-        headers::set_request_id(hdrs, !l.trust_request_id);
-        headers::set_forwarded(hdrs, conn.peer.ip(), "http", &l.trust);
-    } else {
-        headers::ensure_request_id(hdrs);
+    match l.role {
+        Role::Gateway => {
+            // The internet may not ask for faults, claim attempts or an
+            // identity, choose the request id, nor say where it came from
+            // unless trusted.
+            headers::strip_own(hdrs);
+            headers::set_request_id(hdrs, !l.trust_request_id);
+            let proto = if conn.tls { "https" } else { "http" };
+            headers::set_forwarded(hdrs, conn.peer.ip(), proto, &l.trust);
+        }
+        Role::Inbound => {
+            // The app may trust this header: only the proxy sets it.
+            hdrs.remove(PEER_IDENTITY);
+            headers::ensure_request_id(hdrs);
+            if let Some((id, value, counter)) = &conn.peer_id {
+                hdrs.insert(PEER_IDENTITY, value.clone());
+                counter.inc();
+                req.extensions_mut().insert(id.clone());
+            }
+        }
+        Role::Outbound => headers::ensure_request_id(hdrs),
     }
     match proto {
         Proto::Http1 => http_util::to_http1(&mut req),
@@ -440,12 +459,36 @@ fn finish(mut resp: Response<RespBody>, after: After) -> Result<Response<RespBod
         body.set_idle_timeout(conn.listener.stream_idle_timeout);
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
+    if conn.tls
+        && let Some(hsts) = conn.listener.tls.as_ref().and_then(|t| t.hsts.clone())
+    {
+        resp.headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+    }
     *resp.version_mut() = match downstream {
         Proto::Http1 => http::Version::HTTP_11,
         Proto::Http2 => http::Version::HTTP_2,
     };
     resp.extensions_mut().insert(meta);
     Ok(resp)
+}
+
+/// The header an inbound listener tells the app the caller's identity in.
+pub const PEER_IDENTITY: &str = "x-outrigger-peer-identity";
+
+/// `https://<host without port>[:port]<path>` for a plain-HTTP request.
+fn https_location<B>(req: &Request<B>, port: u16) -> String {
+    let host = http_util::authority(req).unwrap_or("");
+    let name = match host.rfind(']') {
+        Some(end) => &host[..=end],
+        None => host.split(':').next().unwrap_or(host),
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if port == 443 {
+        format!("https://{name}{pq}")
+    } else {
+        format!("https://{name}:{port}{pq}")
+    }
 }
 
 fn host_authority(host: &str) -> Option<Option<Authority>> {

@@ -8,13 +8,16 @@ pub mod framing;
 pub mod headers;
 mod tunnel;
 
-use crate::config::{Config, Listener, Role};
+use crate::config::{Config, Listener, Role, TlsMode};
+use crate::policy::authz::PeerIdentity;
 use crate::policy::metrics::{ListenerScope, MetricsLayer};
 use crate::snapshot::Snapshot;
 use crate::telemetry::{RouteStats, metrics};
+use crate::tls::identity::IdentityStore;
 use arc_swap::ArcSwap;
 use error::ErrorLayer;
 use forward::Forward;
+use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -57,6 +60,10 @@ pub struct ListenerInfo {
     pub trust: headers::Trust,
     pub trust_request_id: bool,
     pub error_detail: bool,
+    /// A plain gateway listener that redirects to HTTPS on this port.
+    pub redirect_https: Option<u16>,
+    /// TLS on this listener (mTLS between sidecars, or gateway termination).
+    pub tls: Option<Arc<ListenerTls>>,
     /// Label sets resolved once per listener, not per connection.
     connections: prometheus::IntGauge,
     connections_total: prometheus::IntCounter,
@@ -91,7 +98,68 @@ pub struct ConnInfo {
     /// Requests started on this connection, for the idle watchdog and the
     /// framing watch's head index.
     pub requests: AtomicU64,
+    /// The connection came over TLS.
+    pub tls: bool,
+    /// The verified identity of the peer (mTLS), with its request counter
+    /// resolved once per connection.
+    pub peer_id: Option<(PeerIdentity, HeaderValue, prometheus::IntCounter)>,
     _open: ConnGuard,
+}
+
+/// What a listener's TLS needs at accept time.
+pub struct ListenerTls {
+    pub mode: TlsMode,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub handshake_timeout: Duration,
+    pub hsts: Option<HeaderValue>,
+}
+
+/// Builds a listener's TLS from its config: mTLS with the proxy's identity,
+/// or a gateway's certificates by SNI. Errors name the file.
+fn listener_tls(
+    l: &Listener,
+    identity: Option<&Arc<IdentityStore>>,
+) -> Result<Option<Arc<ListenerTls>>, String> {
+    let t = l.tls();
+    let config = match t.mode {
+        TlsMode::Disabled => return Ok(None),
+        TlsMode::Strict | TlsMode::Permissive => {
+            let store = identity.ok_or("mTLS needs the proxy's identity")?;
+            crate::tls::mesh_server(store).map_err(|e| e.to_string())?
+        }
+        TlsMode::Terminate => {
+            let mut certs = crate::tls::SniCerts::default();
+            for (j, hc) in t.certificates.iter().enumerate() {
+                let ck = crate::tls::load_certified(&hc.cert, &hc.key)
+                    .map_err(|e| format!("certificates[{j}]: {e}"))?;
+                for h in &hc.hosts {
+                    let h = h.to_ascii_lowercase();
+                    match h.strip_prefix('*') {
+                        Some(suffix) => certs.wildcard.push((suffix.to_string(), ck.clone())),
+                        None => {
+                            certs.exact.insert(h, ck.clone());
+                        }
+                    }
+                }
+                if hc.default {
+                    certs.default = Some(ck);
+                }
+            }
+            crate::tls::gateway_server(certs, t.min_version == "1.2").map_err(|e| e.to_string())?
+        }
+    };
+    let hsts = match &t.hsts {
+        Some(v) => Some(
+            HeaderValue::from_str(v).map_err(|_| format!("hsts: `{v}` is not a header value"))?,
+        ),
+        None => None,
+    };
+    Ok(Some(Arc::new(ListenerTls {
+        mode: t.mode,
+        acceptor: tokio_rustls::TlsAcceptor::from(config),
+        handshake_timeout: t.handshake_timeout.0,
+        hsts,
+    })))
 }
 
 /// What a listener's accept loop serves with; swapped in place when only
@@ -111,6 +179,10 @@ struct Running {
 pub enum ApplyError {
     #[error("{0}")]
     Compile(#[from] crate::route::CompileError),
+    #[error("listeners[{index}].tls: {message}")]
+    Tls { index: usize, message: String },
+    #[error("identity: the proxy started without an identity; adding one takes a restart")]
+    IdentityAdded,
     #[error("listeners[{index}].address: cannot bind {address}: {source}")]
     Bind {
         index: usize,
@@ -122,6 +194,8 @@ pub enum ApplyError {
 /// The data plane: the snapshot in force and the listeners serving it.
 pub struct Proxy {
     pub shared: Arc<Shared>,
+    /// The proxy's credentials, when it has an identity (mTLS).
+    pub identity: Option<Arc<IdentityStore>>,
     listeners: Mutex<HashMap<String, Running>>,
     version: AtomicU64,
     /// Serialises config application; requests never take it.
@@ -130,8 +204,11 @@ pub struct Proxy {
 
 impl Proxy {
     /// Builds the first snapshot and binds its listeners.
-    pub async fn start(config: Config) -> Result<Arc<Proxy>, ApplyError> {
-        let snap = Snapshot::build(config.clone(), 0, None)?;
+    pub async fn start(
+        config: Config,
+        identity: Option<Arc<IdentityStore>>,
+    ) -> Result<Arc<Proxy>, ApplyError> {
+        let snap = Snapshot::build_with(config.clone(), 0, None, identity.as_ref())?;
         let (drain_tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
@@ -142,6 +219,7 @@ impl Proxy {
         });
         let proxy = Arc::new(Proxy {
             shared,
+            identity,
             listeners: Mutex::new(HashMap::new()),
             version: AtomicU64::new(0),
             apply_lock: tokio::sync::Mutex::new(()),
@@ -165,7 +243,29 @@ impl Proxy {
         let _guard = self.apply_lock.lock().await;
         let version = self.version.load(SeqCst) + 1;
         let current = self.shared.snapshot.load_full();
-        let snap = Snapshot::build(config.clone(), version, Some(&current))?;
+        if config.identity.is_some() && self.identity.is_none() {
+            return Err(ApplyError::IdentityAdded);
+        }
+        let snap = Snapshot::build_with(
+            config.clone(),
+            version,
+            Some(&current),
+            self.identity.as_ref(),
+        )?;
+        // TLS for the listeners that are new or changed, before anything is
+        // swapped: a certificate that does not load changes nothing.
+        let mut tls = HashMap::new();
+        {
+            let running = self.listeners.lock();
+            for (index, l) in config.listeners.iter().enumerate() {
+                if running.get(&l.name).is_some_and(|r| r.config == *l) {
+                    continue;
+                }
+                let state = listener_tls(l, self.identity.as_ref())
+                    .map_err(|message| ApplyError::Tls { index, message })?;
+                tls.insert(l.name.clone(), state);
+            }
+        }
 
         // Bind what is new or moved before anything is swapped. A listener
         // whose address stays keeps its socket; only its settings change.
@@ -199,14 +299,16 @@ impl Proxy {
                 && r.config.address == l.address
             {
                 let address = r.serving.load().info.address;
-                r.serving.store(Arc::new(self.serving(l, address)));
+                let t = tls.get(&l.name).cloned().flatten();
+                r.serving.store(Arc::new(self.serving(l, address, t)));
                 r.config = l.clone();
                 tracing::info!(listener = %l.name, "listener settings updated");
             }
         }
         for (l, sock) in bound {
             let address = sock.local_addr().unwrap_or(l.address);
-            let serving = Arc::new(ArcSwap::from_pointee(self.serving(&l, address)));
+            let t = tls.get(&l.name).cloned().flatten();
+            let serving = Arc::new(ArcSwap::from_pointee(self.serving(&l, address, t)));
             let (stop, stop_rx) = watch::channel(false);
             tracing::info!(listener = %l.name, role = l.role.as_str(), %address, "listening");
             tokio::spawn(accept_loop(sock, l.name.clone(), serving.clone(), stop_rx));
@@ -233,7 +335,7 @@ impl Proxy {
         Ok(version)
     }
 
-    fn serving(&self, l: &Listener, address: SocketAddr) -> Serving {
+    fn serving(&self, l: &Listener, address: SocketAddr, tls: Option<Arc<ListenerTls>>) -> Serving {
         Serving {
             info: Arc::new(ListenerInfo {
                 name: l.name.clone(),
@@ -259,6 +361,8 @@ impl Proxy {
                 },
                 trust_request_id: l.trust_request_id,
                 error_detail: l.error_detail,
+                redirect_https: l.redirect_https,
+                tls,
                 connections: metrics().connections.with_label_values(&[&l.name]),
                 connections_total: metrics().connections_total.with_label_values(&[&l.name]),
                 tunnels: metrics().tunnels.with_label_values(&[&l.name]),
@@ -417,6 +521,80 @@ async fn serve_connection(
         gauge,
     };
     let _ = stream.set_nodelay(true);
+    let Some(tls) = info.tls.clone() else {
+        return serve_http(stream, peer, info, builder, open, false, None).await;
+    };
+    let started = tokio::time::Instant::now();
+    let count = |result: &str| {
+        metrics()
+            .tls_handshakes
+            .with_label_values(&[&info.name, result])
+            .inc();
+    };
+    // TLS or plaintext: a TLS record starts with a handshake byte (0x16).
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(tls.handshake_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(_) => return,
+        Err(_) => return count("timeout"),
+    };
+    if !is_tls {
+        if tls.mode == TlsMode::Permissive {
+            return serve_http(stream, peer, info, builder, open, false, None).await;
+        }
+        tracing::debug!(listener = %info.name, %peer, "plaintext on a TLS listener; refused");
+        return count("plaintext-refused");
+    }
+    let tls_stream = match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let result = crate::tls::verify::classify(&e);
+            tracing::debug!(listener = %info.name, %peer, result, error = %e, "TLS handshake failed");
+            return count(result);
+        }
+        Err(_) => return count("timeout"),
+    };
+    count("ok");
+    metrics()
+        .tls_handshake_duration
+        .with_label_values(&[&info.name])
+        .observe(started.elapsed().as_secs_f64());
+    // The verifier accepted the chain; the identity is the leaf's SPIFFE ID.
+    let peer_id = if tls.mode == TlsMode::Terminate {
+        None
+    } else {
+        tls_stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| crate::tls::spiffe::SpiffeId::of_certificate(leaf).ok())
+            .and_then(|id| {
+                let header = HeaderValue::from_str(id.as_str()).ok()?;
+                let counter = metrics()
+                    .peer_requests
+                    .with_label_values(&[&info.name, id.as_str()]);
+                Some((PeerIdentity(Arc::new(id)), header, counter))
+            })
+    };
+    serve_http(tls_stream, peer, info, builder, open, true, peer_id).await
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one accepted connection, plain or TLS.
+async fn serve_http<I>(
+    stream: I,
+    peer: SocketAddr,
+    info: Arc<ListenerInfo>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    open: ConnGuard,
+    tls: bool,
+    peer_id: Option<(PeerIdentity, HeaderValue, prometheus::IntCounter)>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = info.shared.clone();
     let stream = framing::FramingWatch::new(stream, Some(info.header_read_timeout));
     let framing = stream.framing.clone();
 
@@ -425,6 +603,8 @@ async fn serve_connection(
         peer,
         framing: framing.clone(),
         requests: AtomicU64::new(0),
+        tls,
+        peer_id,
         _open: open,
     });
     let stack = tower::ServiceBuilder::new()

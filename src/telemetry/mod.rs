@@ -7,8 +7,8 @@
 
 use parking_lot::RwLock;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::{Arc, OnceLock};
 
@@ -33,6 +33,13 @@ pub struct Metrics {
     pub faults: IntCounterVec,
     pub tunnels: IntGaugeVec,
     pub limit_rejections: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_handshake_duration: HistogramVec,
+    pub upstream_tls_handshakes: IntCounterVec,
+    pub cert_expiry: GaugeVec,
+    pub cert_rotations: IntCounterVec,
+    pub authz_denied: IntCounterVec,
+    pub peer_requests: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -138,6 +145,48 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Connections and requests refused by a listener limit (connections, tunnels, headers).",
         &["listener", "limit"],
     )?;
+    let tls_handshakes = counter(
+        "outrigger_tls_handshakes_total",
+        "TLS handshakes on listeners, by result (ok, untrusted, expired, identity-mismatch, plaintext-refused, timeout, malformed).",
+        &["listener", "result"],
+    )?;
+    let upstream_tls_handshakes = counter(
+        "outrigger_upstream_tls_handshakes_total",
+        "mTLS handshakes to upstream endpoints, by result.",
+        &["cluster", "result"],
+    )?;
+    let cert_rotations = counter(
+        "outrigger_certificate_rotations_total",
+        "Certificates installed (ok) or refused (error) after the first.",
+        &["result"],
+    )?;
+    let authz_denied = counter(
+        "outrigger_authz_denied_total",
+        "Requests authorization denied (or would have, in dry-run), by listener and policy.",
+        &["listener", "policy", "mode"],
+    )?;
+    let peer_requests = counter(
+        "outrigger_peer_requests_total",
+        "Requests on inbound listeners by verified peer identity.",
+        &["listener", "peer"],
+    )?;
+    let tls_handshake_duration = HistogramVec::new(
+        HistogramOpts::new(
+            "outrigger_tls_handshake_duration_seconds",
+            "Time from accept to a completed TLS handshake.",
+        )
+        .buckets(LATENCY_BUCKETS.to_vec()),
+        &["listener"],
+    )?;
+    registry.register(Box::new(tls_handshake_duration.clone()))?;
+    let cert_expiry = GaugeVec::new(
+        Opts::new(
+            "outrigger_certificate_expiry_timestamp_seconds",
+            "When the proxy's certificate expires (Unix time), by identity.",
+        ),
+        &["identity"],
+    )?;
+    registry.register(Box::new(cert_expiry.clone()))?;
     let tunnels = IntGaugeVec::new(
         Opts::new(
             "outrigger_tunnels",
@@ -189,6 +238,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
         faults,
         tunnels,
         limit_rejections,
+        tls_handshakes,
+        tls_handshake_duration,
+        upstream_tls_handshakes,
+        cert_expiry,
+        cert_rotations,
+        authz_denied,
+        peer_requests,
     })
 }
 

@@ -1,0 +1,294 @@
+//! Config of identity, listener TLS and authorization. Defaults sit next
+//! to each field; `validate_security` checks what serde cannot.
+
+use super::{Dur, FieldError, Role};
+use crate::tls::spiffe::{IdPattern, SpiffeId};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The proxy's own workload identity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub source: CertSource,
+}
+
+/// Where the certificate comes from. One source today: `files`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<CertFiles>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub roots: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// mTLS required: plaintext is refused.
+    Strict,
+    /// mTLS or plaintext on the same port (migrating a namespace).
+    Permissive,
+    /// Plaintext only.
+    #[default]
+    Disabled,
+    /// TLS from outside clients, certificates by SNI (gateways).
+    Terminate,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Strict => "strict",
+            TlsMode::Permissive => "permissive",
+            TlsMode::Disabled => "disabled",
+            TlsMode::Terminate => "terminate",
+        }
+    }
+}
+
+/// `tls: strict` or `tls: { mode: terminate, certificates: [...] }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ListenerTlsField {
+    Mode(TlsMode),
+    Full(ListenerTls),
+}
+
+impl ListenerTlsField {
+    pub fn resolved(&self) -> ListenerTls {
+        match self {
+            ListenerTlsField::Mode(m) => ListenerTls {
+                mode: *m,
+                ..ListenerTls::default()
+            },
+            ListenerTlsField::Full(t) => t.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// `terminate`: a certificate per host (chosen by SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<HostCert>,
+    /// `terminate`: also accept TLS 1.2 (outside clients); sidecars speak 1.3 only.
+    #[serde(default = "default_min_version")]
+    pub min_version: String,
+    /// `terminate`: a `strict-transport-security` value for every response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<String>,
+    /// A handshake not done this long after accept is dropped.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+fn default_min_version() -> String {
+    "1.2".into()
+}
+fn default_handshake_timeout() -> Dur {
+    Dur::secs(5)
+}
+
+impl Default for ListenerTls {
+    fn default() -> Self {
+        ListenerTls {
+            mode: TlsMode::Disabled,
+            certificates: Vec::new(),
+            min_version: default_min_version(),
+            hsts: None,
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCert {
+    /// Exact names or `*.suffix`; the default certificate may have none.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Served to clients whose SNI matches no host (else they are refused).
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// Who may call an inbound listener. When any policy names a listener,
+/// what no rule allows there is denied (403).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    #[serde(default)]
+    pub name: String,
+    pub listener: String,
+    /// Log and count would-be denials, deny nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRule {
+    /// Peer identities (`*` for one path segment, or `*` for any
+    /// authenticated peer); absent: any caller, plaintext included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<String>>,
+    /// Exact paths, or prefixes ending in `*` (`/api/*`); absent: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Absent: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+}
+
+/// The checks of the security sections, appended to `errs`.
+pub(super) fn validate_security(c: &super::Config, errs: &mut Vec<FieldError>) {
+    let mut err = |path: String, message: String| errs.push(FieldError { path, message });
+    if let Some(id) = &c.identity {
+        if SpiffeId::parse(&format!("spiffe://{}/x", id.trust_domain)).is_err() {
+            err(
+                "identity.trust_domain".into(),
+                format!(
+                    "`{}` is not a trust domain (lowercase letters, digits, `-._`)",
+                    id.trust_domain
+                ),
+            );
+        }
+        if id.source.files.is_none() {
+            err(
+                "identity.source".into(),
+                "name a certificate source: files: { cert, key, roots }".into(),
+            );
+        }
+    }
+    for (i, l) in c.listeners.iter().enumerate() {
+        let Some(t) = &l.tls else { continue };
+        let t = t.resolved();
+        let p = format!("listeners[{i}].tls");
+        match t.mode {
+            TlsMode::Strict | TlsMode::Permissive if c.identity.is_none() => err(
+                format!("{p}.mode"),
+                format!(
+                    "`{}` needs the proxy's own identity: add an `identity` section",
+                    t.mode.as_str()
+                ),
+            ),
+            TlsMode::Terminate if t.certificates.is_empty() => err(
+                format!("{p}.certificates"),
+                "`terminate` needs at least one certificate".into(),
+            ),
+            _ => {}
+        }
+        if t.mode != TlsMode::Terminate && !t.certificates.is_empty() {
+            err(
+                format!("{p}.certificates"),
+                "only `terminate` serves host certificates (sidecars use the identity)".into(),
+            );
+        }
+        if !matches!(t.min_version.as_str(), "1.2" | "1.3") {
+            err(
+                format!("{p}.min_version"),
+                "must be \"1.2\" or \"1.3\"".into(),
+            );
+        }
+        if t.handshake_timeout.0.is_zero() {
+            err(
+                format!("{p}.handshake_timeout"),
+                "must be greater than zero".into(),
+            );
+        }
+        if t.certificates.iter().filter(|c| c.default).count() > 1 {
+            err(
+                format!("{p}.certificates"),
+                "at most one default certificate".into(),
+            );
+        }
+        for (j, hc) in t.certificates.iter().enumerate() {
+            if hc.hosts.is_empty() && !hc.default {
+                err(
+                    format!("{p}.certificates[{j}].hosts"),
+                    "name the hosts, or make it the default".into(),
+                );
+            }
+            for (k, h) in hc.hosts.iter().enumerate() {
+                if let Err(e) = super::check_host_pattern(h) {
+                    err(format!("{p}.certificates[{j}].hosts[{k}]"), e);
+                }
+            }
+        }
+        if l.redirect_https.is_some() && t.mode != TlsMode::Disabled {
+            err(
+                format!("listeners[{i}].redirect_https"),
+                "a redirecting listener is the plain-HTTP one".into(),
+            );
+        }
+    }
+    for (i, cl) in c.clusters.iter().enumerate() {
+        for (j, e) in cl.endpoints.iter().enumerate() {
+            let Some(id) = &e.identity else { continue };
+            let p = format!("clusters[{i}].endpoints[{j}].identity");
+            match SpiffeId::parse(id) {
+                Err(e) => err(p, e.to_string()),
+                Ok(_) if c.identity.is_none() => err(
+                    p,
+                    "an endpoint with an identity is reached over mTLS, which needs the proxy's own identity: add an `identity` section".into(),
+                ),
+                Ok(_) => {}
+            }
+        }
+    }
+    for (i, a) in c.authorization.iter().enumerate() {
+        let p = format!("authorization[{i}]");
+        match c.listeners.iter().find(|l| l.name == a.listener) {
+            None => err(
+                format!("{p}.listener"),
+                format!("no listener named `{}`", a.listener),
+            ),
+            Some(l) if l.role != Role::Inbound => err(
+                format!("{p}.listener"),
+                format!("`{}` is not an inbound listener", a.listener),
+            ),
+            _ => {}
+        }
+        for (j, r) in a.allow.iter().enumerate() {
+            let rp = format!("{p}.allow[{j}]");
+            for (k, f) in r.from.iter().flatten().enumerate() {
+                if let Err(e) = IdPattern::parse(f) {
+                    err(format!("{rp}.from[{k}]"), e.to_string());
+                }
+            }
+            for (k, path) in r.paths.iter().enumerate() {
+                let body = path.strip_suffix('*').unwrap_or(path);
+                if !path.starts_with('/') || body.contains('*') {
+                    err(
+                        format!("{rp}.paths[{k}]"),
+                        format!("`{path}`: an exact path, or a prefix ending in `*`"),
+                    );
+                }
+            }
+            for (k, m) in r.methods.iter().enumerate() {
+                if http::Method::from_bytes(m.as_bytes()).is_err() {
+                    err(
+                        format!("{rp}.methods[{k}]"),
+                        format!("`{m}` is not a method"),
+                    );
+                }
+            }
+        }
+    }
+}
