@@ -48,7 +48,10 @@ fn every_command_the_demo_prints_works() {
         assert!(out.status.success(), "{cmd}: {out:?}");
         assert!(!text.trim().is_empty(), "{cmd} printed nothing");
         if cmd.contains("flaky.demo") {
-            assert!(!text.contains("503"), "retries did not hide the flaky app: {text}");
+            assert!(
+                !text.contains("503"),
+                "retries did not hide the flaky app: {text}"
+            );
         }
         if cmd.contains("slow.demo") {
             assert!(text.contains("504") && text.contains("timeout"), "{text}");

@@ -306,8 +306,12 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
             match endpoint.send(req, proto, fallback, Some(permit)).await {
                 Ok(mut resp) => {
                     cluster.observe(idx, Outcome::Status(resp.status().as_u16()));
-                    // The proxy's own headers come from the proxy, never upstream.
-                    crate::http_util::strip_own(resp.headers_mut());
+                    // The proxy's own headers come from a proxy, never from an
+                    // app: kept only from a mesh peer verified by mTLS (whose
+                    // sidecar stripped them from its own app's responses).
+                    if endpoint.identity().is_none() {
+                        crate::http_util::strip_own(resp.headers_mut());
+                    }
                     let mut resp = resp.map(RespBody::Upstream);
                     resp.extensions_mut().insert(Served(endpoint.addr));
                     Ok(resp)

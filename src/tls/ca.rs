@@ -109,6 +109,22 @@ impl Ca {
         Ok(params)
     }
 
+    /// A new key and a certificate for `id` valid between the two times
+    /// (tests: expired or not yet valid certificates): (cert PEM, key PEM).
+    pub fn issue_between(
+        &self,
+        id: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = Self::leaf_params(id, Duration::from_secs(1), &[])?;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// A new key and certificate for `id`: (cert PEM, key PEM).
     pub fn issue(
         &self,

@@ -2,6 +2,7 @@
 //! real upstream servers and clients on loopback.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod upstream;
 
 use bytes::Bytes;
