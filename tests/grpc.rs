@@ -136,3 +136,46 @@ clusters:
         Some(1.0)
     );
 }
+
+#[test]
+fn grpc_through_two_sidecars_with_mtls() {
+    use support::pki::{Pki, spiffe};
+    let server = grpc_server();
+    let pki = Pki::new();
+    let callee_files = pki.workload("echo");
+    let caller_files = pki.workload("client");
+    // The callee's sidecar: mTLS in, gRPC (HTTP/2) to the app.
+    let callee = ProxyProc::start(&format!(
+        "{}listeners: [ {{ name: in, role: inbound, address: 127.0.0.1:0, forward_to: 127.0.0.1:{}, tls: strict }} ]\n",
+        callee_files.identity_yaml(),
+        server.1
+    ));
+    let caller = ProxyProc::start(&format!(
+        "{}listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes: [ {{ name: grpc, match: {{ host: echo.grpc }}, backends: [ {{ cluster: echo }} ] }} ]\nclusters: [ {{ name: echo, endpoints: [ {{ address: {}, identity: \"{}\" }} ] }} ]\n",
+        caller_files.identity_yaml(),
+        callee.addr("in"),
+        spiffe("echo")
+    ));
+    let out = grpc_client("client", caller.addr("out"), "echo.grpc");
+    assert_eq!(out["unary"], "echo:hello");
+    assert_eq!(out["trailer"], "grpc-peer", "trailing metadata lost: {out}");
+    assert_eq!(
+        out["stream"],
+        serde_json::json!(["msg-0", "msg-1", "msg-2", "msg-3", "msg-4"])
+    );
+    assert!(
+        callee
+            .metric("outrigger_tls_handshakes_total", &["result=\"ok\""])
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        callee
+            .metric(
+                "outrigger_peer_requests_total",
+                &[&format!("peer=\"{}\"", spiffe("client"))]
+            )
+            .unwrap_or(0.0)
+            >= 3.0
+    );
+}

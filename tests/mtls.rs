@@ -122,6 +122,15 @@ async fn two_sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
         .metric("outrigger_certificate_expiry_timestamp_seconds", &[])
         .unwrap();
     assert!(expiry > 1.7e9);
+    // /config shows the identity and the certificate, never the key.
+    let (status, config, _) = http_get_raw(m.callee.admin, "/config");
+    assert_eq!(status, 200);
+    assert!(
+        config.contains(&format!("# identity: {}", spiffe("orders"))),
+        "{config}"
+    );
+    assert!(config.contains("# certificate: serial "), "{config}");
+    assert!(!config.contains("PRIVATE KEY"), "{config}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,6 +500,14 @@ async fn garbage_and_stalled_handshakes_are_counted_and_nobody_else_notices() {
     ])
     .unwrap();
     let silent = std::net::TcpStream::connect(callee).unwrap();
+    // And a crowd opening handshakes that never finish.
+    let crowd: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(callee).unwrap();
+            s.write_all(&[0x16, 0x03, 0x01]).unwrap();
+            s
+        })
+        .collect();
     // Meanwhile the mesh works.
     let r = get(&TestClient::h1(m.caller.addr("out")), "svc", "/").await;
     assert_eq!(r.status, 200);
@@ -500,7 +517,7 @@ async fn garbage_and_stalled_handshakes_are_counted_and_nobody_else_notices() {
         let _ = s.read_to_end(&mut buf);
     }
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
-    while handshakes(&m.callee, "malformed") < 1.0 || handshakes(&m.callee, "timeout") < 2.0 {
+    while handshakes(&m.callee, "malformed") < 1.0 || handshakes(&m.callee, "timeout") < 302.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
@@ -509,4 +526,7 @@ async fn garbage_and_stalled_handshakes_are_counted_and_nobody_else_notices() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(silent);
+    drop(crowd);
+    let r = get(&TestClient::h1(m.caller.addr("out")), "svc", "/after").await;
+    assert_eq!(r.status, 200);
 }

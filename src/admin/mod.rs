@@ -194,7 +194,19 @@ fn handle(kind: Kind, state: &State, req: Request<Incoming>) -> Response<Full<By
         (&Method::GET, "/config", Kind::Admin) => match state.proxy.get() {
             Some(p) => {
                 let snap = p.snapshot();
-                let body = format!("# version: {}\n{}", p.version(), snap.config.to_yaml());
+                let mut body = format!("# version: {}\n", p.version());
+                // The certificate in force, never its key.
+                if let Some(store) = &p.identity {
+                    let c = store.current();
+                    body.push_str(&format!(
+                        "# identity: {}\n# certificate: serial {}, expires {} (unix {})\n",
+                        c.id,
+                        c.serial,
+                        rfc3339(c.not_after),
+                        c.not_after
+                    ));
+                }
+                body.push_str(&snap.config.to_yaml());
                 text(StatusCode::OK, body, "application/yaml")
             }
             None => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n", PLAIN),
@@ -210,6 +222,16 @@ fn handle(kind: Kind, state: &State, req: Request<Incoming>) -> Response<Full<By
         (_, "/shutdown", Kind::Admin) => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n", PLAIN),
         _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
     }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }
 
 fn clusters_json(p: &Proxy) -> String {
