@@ -28,7 +28,39 @@ pub enum DemoError {
     },
     #[error(transparent)]
     Run(#[from] run::RunError),
+    #[error("demo certificates: {0}")]
+    Ca(#[from] crate::tls::ca::CaError),
 }
+
+/// A fresh CA and the demo proxy's certificate where the config says.
+fn make_identity(config: &Config) -> Result<(), DemoError> {
+    let Some(files) = config
+        .identity
+        .as_ref()
+        .and_then(|i| i.source.files.as_ref())
+    else {
+        return Ok(());
+    };
+    let id = crate::tls::spiffe::SpiffeId::parse(DEMO_IDENTITY)
+        .map_err(|e| crate::tls::ca::CaError::CsrKey(e.to_string()))?;
+    let (ca, _) = crate::tls::ca::Ca::generate("outrigger.demo")?;
+    let (cert, key) = ca.issue(&id, std::time::Duration::from_secs(86400), &[])?;
+    let dir = files.cert.parent().unwrap_or(std::path::Path::new("."));
+    let write = |p: &std::path::Path, text: &str| {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(p, text))
+            .map_err(|source| crate::tls::ca::CaError::Io {
+                path: p.display().to_string(),
+                source,
+            })
+    };
+    write(&files.key, &key)?;
+    write(&files.cert, &cert)?;
+    write(&files.roots, &ca.cert_pem)?;
+    Ok(())
+}
+
+const DEMO_IDENTITY: &str = "spiffe://outrigger.demo/ns/default/sa/demo";
 
 const APPS: [(&str, u16); 5] = [
     ("hello-1", 18081),
@@ -40,6 +72,7 @@ const APPS: [(&str, u16); 5] = [
 
 pub async fn run(opts: &Options) -> Result<(), DemoError> {
     let config = Config::from_yaml(DEMO_CONFIG)?;
+    make_identity(&config)?;
     for (name, port) in APPS {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let l = TcpListener::bind(addr)
@@ -57,7 +90,7 @@ pub fn banner() -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\nOutrigger demo: apps hello-1 :18081, hello-2 :18082, echo :18083, flaky :18084 and slow :18085 behind one proxy\n(outbound 127.0.0.1:15001, inbound 127.0.0.1:15006, gateway 127.0.0.1:18080).\n"
+        "\nOutrigger demo: apps hello-1 :18081, hello-2 :18082, echo :18083, flaky :18084 and slow :18085 behind one proxy\n(outbound 127.0.0.1:15001, inbound 127.0.0.1:15006 with mTLS, gateway 127.0.0.1:18080),\nidentity {DEMO_IDENTITY} (CA and certificate in /tmp/outrigger-demo).\n"
     );
     let _ = writeln!(s, "Try:");
     for (what, cmd) in [
@@ -78,8 +111,16 @@ pub fn banner() -> String {
             "curl -s -H 'host: echo.demo' -H 'x-canary: 1' http://127.0.0.1:15001/",
         ),
         (
-            "inbound, in front of the echo app",
-            "curl -s http://127.0.0.1:15006/anything",
+            "mTLS: outbound → the echo app's sidecar (inbound, strict mTLS); the app sees the caller's SPIFFE ID",
+            "curl -s -H 'host: secure.demo' http://127.0.0.1:15001/public/hello | grep -i -e echo: -e x-outrigger-peer-identity",
+        ),
+        (
+            "mTLS + authorization: a path no rule allows → 403, reason `unauthorized`",
+            "curl -si -H 'host: secure.demo' http://127.0.0.1:15001/private | grep -i -e '^HTTP' -e x-outrigger-reason",
+        ),
+        (
+            "the inbound listener refuses plaintext",
+            "curl -s http://127.0.0.1:15006/ || echo 'refused: plaintext on an mTLS listener'",
         ),
         (
             "gateway, path routing + x-forwarded-for",

@@ -59,6 +59,26 @@ fn every_command_the_demo_prints_works() {
         if cmd.contains("fault-abort: 418") {
             assert!(text.starts_with("HTTP/1.1 418"), "{text}");
         }
+        if cmd.contains("/public/hello") {
+            assert!(
+                text.contains(
+                    "x-outrigger-peer-identity: spiffe://outrigger.demo/ns/default/sa/demo"
+                ),
+                "the app did not see the caller's identity: {text}"
+            );
+        }
+        if cmd.contains("/private") {
+            assert!(
+                text.contains("403") && text.contains("unauthorized"),
+                "{text}"
+            );
+        }
+        if cmd.contains("15006/ ||") {
+            assert!(
+                text.contains("refused"),
+                "plaintext reached the mTLS listener: {text}"
+            );
+        }
         if cmd.contains("nowhere") {
             assert!(text.contains("404") && text.contains("no-route"), "{text}");
         }
