@@ -210,21 +210,47 @@ def proxy_outrigger(tmp, core, policies=False):
     return Proc([exe, "run", "--config", path, "--threads", "1", "--log-level", "error"], core, PROXY_PORT)
 
 
-class Mesh:
-    """Two Outrigger sidecars in a row: the caller's outbound -> the callee's inbound -> app."""
+TD = "bench.local"
 
-    def __init__(self, tmp, core):
+
+def mesh_certs(tmp):
+    """A CA and two workload certificates (caller, callee) made with `outrigger ca`."""
+    exe = os.path.join(ROOT, "target", "release", "outrigger")
+    ca = os.path.join(tmp, "ca")
+    if not os.path.exists(os.path.join(ca, "ca.pem")):
+        sh([exe, "ca", "init", ca, "--trust-domain", TD])
+        for sa in ("caller", "callee"):
+            sh([exe, "ca", "issue", "--ca", ca, "--spiffe", "spiffe://%s/ns/bench/sa/%s" % (TD, sa), "--out", os.path.join(tmp, sa)])
+    return {sa: os.path.join(tmp, sa) for sa in ("caller", "callee")}
+
+
+def identity_yaml(d):
+    return "identity: { trust_domain: %s, source: { files: { cert: %s/cert.pem, key: %s/key.pem, roots: %s/roots.pem } } }\n" % (TD, d, d, d)
+
+
+class Mesh:
+    """Two Outrigger sidecars in a row: the caller's outbound -> the callee's inbound -> app,
+    in plaintext or with mTLS between the two sidecars."""
+
+    def __init__(self, tmp, core, mtls=False):
         exe = os.path.join(ROOT, "target", "release", "outrigger")
+        certs = mesh_certs(tmp) if mtls else None
         inbound = os.path.join(tmp, "inbound.yaml")
         with open(inbound, "w") as f:
             f.write("admin: { address: 127.0.0.1:18520, probes: 127.0.0.1:18521 }\n")
-            f.write("listeners: [ { name: in, role: inbound, address: 127.0.0.1:%d, forward_to: 127.0.0.1:%d } ]\n" % (SIDECAR2_PORT, UP_PORT))
+            if mtls:
+                f.write(identity_yaml(certs["callee"]))
+            f.write("listeners: [ { name: in, role: inbound, address: 127.0.0.1:%d, forward_to: 127.0.0.1:%d%s } ]\n" % (
+                SIDECAR2_PORT, UP_PORT, ", tls: strict" if mtls else ""))
         outbound = os.path.join(tmp, "outbound.yaml")
         with open(outbound, "w") as f:
             f.write("admin: { address: 127.0.0.1:18510, probes: 127.0.0.1:18511 }\n")
+            if mtls:
+                f.write(identity_yaml(certs["caller"]))
             f.write("listeners: [ { name: out, role: outbound, address: 127.0.0.1:%d } ]\n" % PROXY_PORT)
             f.write("routes: [ { name: r, backends: [ { cluster: callee } ] } ]\n")
-            f.write("clusters: [ { name: callee, protocol: http1, endpoints: [ { address: 127.0.0.1:%d } ] } ]\n" % SIDECAR2_PORT)
+            ident = ', identity: "spiffe://%s/ns/bench/sa/callee"' % TD if mtls else ""
+            f.write("clusters: [ { name: callee, endpoints: [ { address: 127.0.0.1:%d%s } ] } ]\n" % (SIDECAR2_PORT, ident))
         self.a = Proc([exe, "run", "--config", inbound, "--threads", "1", "--log-level", "error"], core, SIDECAR2_PORT)
         self.b = Proc([exe, "run", "--config", outbound, "--threads", "1", "--log-level", "error"], core, PROXY_PORT)
 
@@ -309,11 +335,31 @@ def open_loop(port, rate, duration, load_core, tmp):
     return {"p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": lat[-1] if lat else 0, "samples": len(lat)}
 
 
+def handshakes(tmp, callee, load_core, duration):
+    """New full mTLS handshakes per second on the callee sidecar's one core
+    (`openssl s_time -new` with a client certificate), and its CPU per handshake."""
+    d = mesh_certs(tmp)["caller"]
+    pids = callee.pids()
+    c0 = cpu_seconds(pids)
+    out = subprocess.run(["taskset", "-c", load_core, "openssl", "s_time", "-connect", "127.0.0.1:%d" % SIDECAR2_PORT, "-new",
+                          "-cert", d + "/cert.pem", "-key", d + "/key.pem", "-CAfile", d + "/roots.pem", "-time", str(duration)],
+                         capture_output=True, text=True).stdout
+    c1 = cpu_seconds(pids)
+    n = 0
+    for line in out.splitlines():
+        # "1234 connections in 8.00s; 154.25 connections/user sec, ..."
+        if "connections in" in line and "real seconds" in line:
+            n = int(line.split()[0])
+        elif "connections in" in line and n == 0:
+            n = int(line.split()[0])
+    return {"per_second": n / float(duration), "cpu_us_per_handshake": (c1 - c0) * 1e6 / max(n, 1)}
+
+
 def run_round(args, tmp, proxy_core, load_core, rnd):
     rows = {}
     d = str(args.duration)
     subjects = [("direct", None), ("outrigger", proxy_outrigger), ("nginx", proxy_nginx), ("haproxy", proxy_haproxy),
-                ("outrigger-mesh", "mesh"), ("outrigger-policies", "policies")]
+                ("outrigger-mesh", "mesh"), ("outrigger-mesh-mtls", "mesh-mtls"), ("outrigger-policies", "policies")]
     if args.only:
         subjects = [s for s in subjects if s[0] in args.only.split(",")]
     for name, start in subjects:
@@ -324,6 +370,8 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             continue
         if start == "mesh":
             p = Mesh(tmp, proxy_core)
+        elif start == "mesh-mtls":
+            p = Mesh(tmp, proxy_core, mtls=True)
         elif start == "policies":
             try:
                 p = proxy_outrigger(tmp, proxy_core, policies=True)
@@ -338,9 +386,11 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             # warm-up: pools, caches
             sh(["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d1s", url])
             row["http1"] = measure_load(name, ["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d" + d + "s", url], p.pids)
-            if name in ("outrigger", "nginx", "haproxy"):
-                h2port = PROXY_PORT if name == "outrigger" else H2_PORT
+            if name in ("outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls"):
+                h2port = H2_PORT if name in ("nginx", "haproxy") else PROXY_PORT
                 row["http2"] = measure_load(name, ["taskset", "-c", load_core, "h2load", "-c16", "-m10", "-D", d, "http://127.0.0.1:%d/" % h2port], p.pids)
+            if name == "outrigger-mesh-mtls":
+                row["handshakes"] = handshakes(tmp, p.a, load_core, args.duration)
             row["latency"] = open_loop(PROXY_PORT, args.rate, args.duration, load_core, tmp)
         finally:
             p.stop()
@@ -400,7 +450,7 @@ def write_chart(size):
 def markdown(res, meta):
     lines = ["| proxy | HTTP/1.1 req/s | CPU µs/req | HTTP/2 req/s | h2 CPU µs/req | RSS idle MiB | RSS load MiB | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("direct", "outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-policies"):
+    for name in ("direct", "outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls", "outrigger-policies"):
         if name not in res:
             continue
         r = res[name]
@@ -413,6 +463,18 @@ def markdown(res, meta):
             name, f(h1, "rps"), f(h1, "cpu_us_per_req", "%.1f"), f(h2, "rps"), f(h2, "cpu_us_per_req", "%.1f"),
             "%.1f" % r["rss_idle_mib"] if "rss_idle_mib" in r else "–", f(h1, "rss_load_mib", "%.1f"),
             f(lat, "p50_us"), f(lat, "p90_us"), f(lat, "p99_us"), f(lat, "p999_us"), f(lat, "max_us")))
+    mesh, mtls = res.get("outrigger-mesh", {}), res.get("outrigger-mesh-mtls", {})
+    if mesh and mtls:
+        lines.append("")
+        for proto in ("http1", "http2"):
+            a, b = mesh.get(proto, {}).get("cpu_us_per_req"), mtls.get(proto, {}).get("cpu_us_per_req")
+            if a and b:
+                lines.append("Two sidecars with mTLS / plaintext, CPU per request (%s): %.1f / %.1f µs = %.2f×." % (
+                    "HTTP/1.1" if proto == "http1" else "HTTP/2", b, a, b / a))
+        hs = mtls.get("handshakes", {})
+        if hs:
+            lines.append("New full mTLS handshakes on one core (openssl s_time -new): %.0f per second, %.0f µs of CPU each." % (
+                hs["per_second"], hs["cpu_us_per_handshake"]))
     lines.append("")
     lines.append("Medians of %d interleaved rounds, %d s per measurement, one proxy worker pinned to one core; "
                  "open-loop latency at %d req/s (h2load --h1 --rps). Machine: %s, %s cores. %s." % (
@@ -421,8 +483,9 @@ def markdown(res, meta):
 
 
 def svg(res):
-    names = [n for n in ("direct", "outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-policies") if n in res]
-    colors = {"direct": "#999", "outrigger": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#d62728", "outrigger-mesh": "#9467bd", "outrigger-policies": "#17becf"}
+    names = [n for n in ("direct", "outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls", "outrigger-policies") if n in res]
+    colors = {"direct": "#999", "outrigger": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#d62728", "outrigger-mesh": "#9467bd",
+              "outrigger-mesh-mtls": "#8c564b", "outrigger-policies": "#17becf"}
     W, H = 900, 420
     out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (W, H),
            '<rect width="100%" height="100%" fill="white"/>']
@@ -468,7 +531,7 @@ def main():
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rate", type=int, default=2000, help="open-loop request rate")
     ap.add_argument("--sidecar-rate", type=int, default=1000, help="request rate the sizing line is for")
-    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-policies)")
+    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     ensure_tools()
