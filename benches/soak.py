@@ -70,6 +70,8 @@ def fds(pid):
 def segment(rate, seconds, core, tmp):
     """One open-loop h2load segment: (p99 ms, requests, failed)."""
     log = os.path.join(tmp, "seg.log")
+    if os.path.exists(log):
+        os.remove(log)  # h2load appends to an existing log
     out = subprocess.run(
         ["taskset", "-c", core, "h2load", "--h1", "-c", "16", "-t", "1", "--rps", str(max(1, rate // 16)),
          "-D", str(seconds), "--log-file", log, "http://127.0.0.1:%d/" % PROXY],

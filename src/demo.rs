@@ -46,17 +46,11 @@ fn make_identity(config: &Config) -> Result<(), DemoError> {
     let (ca, _) = crate::tls::ca::Ca::generate("outrigger.demo")?;
     let (cert, key) = ca.issue(&id, std::time::Duration::from_secs(86400), &[])?;
     let dir = files.cert.parent().unwrap_or(std::path::Path::new("."));
-    let write = |p: &std::path::Path, text: &str| {
-        std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(p, text))
-            .map_err(|source| crate::tls::ca::CaError::Io {
-                path: p.display().to_string(),
-                source,
-            })
-    };
-    write(&files.key, &key)?;
-    write(&files.cert, &cert)?;
-    write(&files.roots, &ca.cert_pem)?;
+    crate::tls::ca::private_dir(dir)?;
+    // Every file created anew, owner-only: nothing planted in /tmp is followed.
+    crate::tls::ca::write_private(&files.key, &key)?;
+    crate::tls::ca::write_private(&files.cert, &cert)?;
+    crate::tls::ca::write_private(&files.roots, &ca.cert_pem)?;
     Ok(())
 }
 

@@ -161,6 +161,8 @@ pub enum ProxyError {
     ConflictingHost,
     #[error("the request's host is not a valid authority")]
     BadHost,
+    #[error("the request path has encoded slashes or dot segments that cannot be made canonical")]
+    BadPath,
     #[error("request header list over {limit} bytes")]
     HeaderTooLarge { limit: usize },
     #[error("request has more than {limit} header fields")]
@@ -254,7 +256,8 @@ impl ProxyError {
             | ProxyError::MissingHost
             | ProxyError::DuplicateHost
             | ProxyError::ConflictingHost
-            | ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            | ProxyError::BadHost
+            | ProxyError::BadPath => StatusCode::BAD_REQUEST,
             ProxyError::HeaderTooLarge { .. } | ProxyError::TooManyHeaders { .. } => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -306,6 +309,7 @@ impl ProxyError {
             ProxyError::DuplicateHost => "duplicate-host",
             ProxyError::ConflictingHost => "conflicting-host",
             ProxyError::BadHost => "bad-host",
+            ProxyError::BadPath => "bad-path",
             ProxyError::HeaderTooLarge { .. } => "header-too-large",
             ProxyError::TooManyHeaders { .. } => "too-many-headers",
             ProxyError::TooManyTunnels { .. } => "too-many-tunnels",

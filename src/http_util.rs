@@ -41,6 +41,9 @@ pub fn to_http1<B>(req: &mut http::Request<B>) {
 /// Rewrites the URI for an HTTP/2 upstream: `:scheme` and `:authority` are required.
 pub fn to_http2<B>(req: &mut http::Request<B>, authority: Option<Authority>) {
     *req.version_mut() = http::Version::HTTP_2;
+    // RFC 9113 §8.3.1: `:authority` says where the request goes; a Host
+    // beside it (an HTTP/1.1 absolute-form request's) could disagree.
+    req.headers_mut().remove(header::HOST);
     let uri = req.uri();
     if uri.scheme().is_some() && uri.authority().is_some() {
         return;
@@ -56,6 +59,88 @@ pub fn to_http2<B>(req: &mut http::Request<B>, authority: Option<Authority>) {
     if let Ok(u) = Uri::from_parts(parts) {
         *req.uri_mut() = u;
     }
+}
+
+/// Why a request path is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadPath;
+
+/// The canonical form of a request path, so that routing, authorization
+/// and the app agree on what it names: `%2e` decoded, dot segments removed
+/// (RFC 3986 §5.2.4). Encoded slashes and backslashes (`%2f`, `%5c`, `\`)
+/// and `..;` segments are refused: an app that decodes or normalises them
+/// would see another path than the one authorized (`/public/..%2fadmin`).
+/// `None` when the path is canonical already, the common case: one scan.
+pub fn normalize_path(path: &str) -> Result<Option<String>, BadPath> {
+    let b = path.as_bytes();
+    let suspicious = b.iter().any(|&c| c == b'%' || c == b'\\') || path.contains("/.");
+    if !suspicious {
+        return Ok(None);
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Err(BadPath);
+    }
+    let decoded = if lower.contains("%2e") {
+        let mut out = String::with_capacity(path.len());
+        let mut rest = path;
+        while let Some(i) = rest.find('%') {
+            out.push_str(&rest[..i]);
+            let tail = &rest[i..];
+            if tail.len() >= 3 && tail[1..3].eq_ignore_ascii_case("2e") {
+                out.push('.');
+                rest = &tail[3..];
+            } else {
+                out.push('%');
+                rest = &tail[1..];
+            }
+        }
+        out.push_str(rest);
+        out
+    } else {
+        path.to_string()
+    };
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.starts_with("..;") || seg.starts_with(".;") {
+            return Err(BadPath);
+        }
+        match *seg {
+            "." => trailing_slash = i == last,
+            ".." => {
+                out.pop();
+                trailing_slash = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut canonical = String::with_capacity(decoded.len());
+    for s in &out {
+        canonical.push('/');
+        canonical.push_str(s);
+    }
+    if trailing_slash || canonical.is_empty() {
+        canonical.push('/');
+    }
+    Ok((canonical != path).then_some(canonical))
+}
+
+/// Replaces the path of `req`'s URI, keeping its query and authority.
+pub fn set_path<B>(req: &mut http::Request<B>, path: &str) -> Result<(), BadPath> {
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| BadPath)?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| BadPath)?;
+    Ok(())
 }
 
 /// The proxy's own header namespace.
@@ -82,6 +167,30 @@ pub fn strip_own(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_made_canonical_or_refused() {
+        for (path, want) in [
+            ("/api/orders", Ok(None)),
+            ("/static/app.js", Ok(None)),
+            ("/api/../admin", Ok(Some("/admin"))),
+            ("/api/%2e%2e/admin", Ok(Some("/admin"))),
+            ("/api/%2E%2e/admin", Ok(Some("/admin"))),
+            ("/a/./b/", Ok(Some("/a/b/"))),
+            ("/a/b/..", Ok(Some("/a/"))),
+            ("/../../etc", Ok(Some("/etc"))),
+            ("/a/%41", Ok(None)),
+            ("/public/..%2fadmin", Err(BadPath)),
+            ("/public/..%5Cadmin", Err(BadPath)),
+            ("/api/..;/admin", Err(BadPath)),
+        ] {
+            assert_eq!(
+                normalize_path(path),
+                want.map(|o: Option<&str>| o.map(String::from)),
+                "{path}"
+            );
+        }
+    }
 
     #[test]
     fn the_whole_own_namespace_is_stripped() {
@@ -111,5 +220,16 @@ mod tests {
         let mut r = http::Request::builder().uri("/y").body(()).unwrap();
         to_http2(&mut r, Some(Authority::from_static("svc")));
         assert_eq!(r.uri(), "http://svc/y");
+        let mut r = http::Request::builder()
+            .uri("http://allowed.svc/z")
+            .header("host", "admin.internal")
+            .body(())
+            .unwrap();
+        to_http2(&mut r, None);
+        assert_eq!(r.uri(), "http://allowed.svc/z");
+        assert!(
+            r.headers().get("host").is_none(),
+            "a disagreeing Host went upstream"
+        );
     }
 }

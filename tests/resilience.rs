@@ -590,3 +590,29 @@ async fn a_client_stalling_its_request_body_is_cut_off() {
         "others are still served"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_get_a_connection_when_one_closes_instead_of_coming_back() {
+    // Every answer closes its connection: nothing returns to the pool, so
+    // a waiting request must be woken by the freed connection permit.
+    let closing = support::upstream::RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+    )
+    .await;
+    let p = ProxyProc::start(&format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes: [ {{ name: r, backends: [ {{ cluster: c }} ], timeout: 20s }} ]\nclusters: [ {{ name: c, protocol: http1, endpoints: [ {{ address: {} }} ], circuit_breaker: {{ max_connections: 1 }} }} ]\n",
+        closing.addr
+    ));
+    let addr = p.addr("out");
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::spawn(async move {
+                let c = TestClient::h1(addr);
+                get(&c, "svc", "/").await.status
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}

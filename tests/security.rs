@@ -535,3 +535,82 @@ async fn the_admin_port_refuses_foreign_hosts_and_origins() {
     assert_eq!(http_get_raw(p.probes, "/ready").0, 200, "still running");
     assert_eq!(http_get_raw(p.admin, "/config").0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_routed_authorized_and_forwarded_in_one_canonical_form() {
+    let public = Upstream::start("public").await;
+    let yaml = format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes: [ {{ name: pub, match: {{ path_prefix: /public/ }}, backends: [ {{ cluster: p }} ] }} ]\nclusters: [ {{ name: p, endpoints: [ {{ address: {} }} ] }} ]\n",
+        public.addr
+    );
+    let p = ProxyProc::start(&yaml);
+    let c = TestClient::h1(p.addr("out"));
+    // Dot segments climb out of the prefix: no longer the public route.
+    for escape in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin",
+    ] {
+        let r = get(&c, "svc", escape).await;
+        assert_eq!(r.status, 404, "{escape}");
+    }
+    // Encoded slashes and `..;` are refused outright.
+    for bad in [
+        "/public/..%2fadmin",
+        "/public/..%5Cadmin",
+        "/public/..;/admin",
+    ] {
+        let r = get(&c, "svc", bad).await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.header("x-outrigger-reason"), Some("bad-path"));
+    }
+    assert_eq!(public.hits(), 0);
+    // What stays inside is forwarded canonical, query kept.
+    let r = get(&c, "svc", "/public/./a/../b?x=1").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(public.last().path, "/public/b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_authorized_like_any_request() {
+    let echo = tcp_echo().await;
+    let yaml = format!(
+        "listeners: [ {{ name: in, role: inbound, address: 127.0.0.1:0, forward_to: {echo} }} ]\nroutes: [ {{ name: tunnel, listeners: [in], backends: [ {{ cluster: db }} ], connect: true }} ]\nclusters: [ {{ name: db, endpoints: [ {{ address: {echo} }} ] }} ]\nauthorization: [ {{ name: only-ops, listener: in, allow: [ {{ from: [\"spiffe://td/ns/ops/sa/admin\"] }} ] }} ]\n"
+    );
+    let p = ProxyProc::start(&yaml);
+    let resp = raw(
+        p.addr("in"),
+        b"CONNECT db:5432 HTTP/1.1\r\nhost: db:5432\r\n\r\n",
+    );
+    assert_eq!(
+        status_of(&resp),
+        403,
+        "a plaintext caller opened a tunnel: {resp}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_is_bound_to_the_protocol_the_route_allows() {
+    let up = Upstream::start("app").await;
+    let p = ProxyProc::start(&one_cluster("", "", up.addr));
+    // Two protocols asked for: only the allowed one goes upstream.
+    let mut s = TcpStream::connect(p.addr("out")).unwrap();
+    s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    s.write_all(b"GET /respond HTTP/1.1\r\nhost: svc\r\nconnection: upgrade\r\nupgrade: websocket, foo\r\n\r\n")
+        .unwrap();
+    let _ = read_response(&mut s);
+    assert_eq!(up.last().headers["upgrade"], "websocket");
+    // An upstream that switches to another protocol than the one allowed: 502.
+    let raw_up = RawUpstream::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: foo\r\n\r\n",
+    )
+    .await;
+    let p2 = ProxyProc::start(&one_cluster("", "", raw_up.addr));
+    let mut s = TcpStream::connect(p2.addr("out")).unwrap();
+    s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nhost: svc\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-key: x\r\nsec-websocket-version: 13\r\n\r\n")
+        .unwrap();
+    let (status, head, _) = read_response(&mut s);
+    assert_eq!(status, 502, "{head}");
+    assert!(head.contains("unexpected-upgrade"), "{head}");
+}

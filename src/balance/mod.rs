@@ -202,6 +202,10 @@ impl Cluster {
             .pick(headers, None)
             .ok_or_else(|| ProxyError::NoEndpoints(self.name.clone()))?;
         let endpoint = &self.endpoints[idx];
+        if endpoint.identity().is_some() {
+            // Raw bytes to a sidecar that expects mTLS would go in the clear.
+            return Err(ProxyError::ConnectNotAllowed);
+        }
         match endpoint.connect_tcp().await {
             Ok(stream) => Ok(TcpTunnel {
                 stream,

@@ -85,6 +85,9 @@ struct Pooled {
 pub struct H1Body {
     inner: ReqBody,
     conn: Arc<H1Conn>,
+    /// Bytes left of a body of known length: hyper stops polling once they
+    /// are written, even when the end of the stream comes later.
+    remaining: Option<u64>,
 }
 
 impl Body for H1Body {
@@ -97,7 +100,13 @@ impl Body for H1Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
+        if let (Poll::Ready(Some(Ok(f))), Some(left)) = (&r, this.remaining.as_mut())
+            && let Some(d) = f.data_ref()
+        {
+            *left = left.saturating_sub(d.len() as u64);
+        }
+        if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() || this.remaining == Some(0)
+        {
             this.conn.request_done.store(true, Relaxed);
         }
         r
@@ -126,6 +135,8 @@ pub struct Endpoint {
     pub failures: AtomicU64,
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    /// Held while a new HTTP/2 connection is made (single flight).
+    h2_connecting: tokio::sync::Mutex<()>,
     /// Wakes requests waiting for a connection when one comes back.
     returned: Notify,
     limits: Arc<Limits>,
@@ -176,6 +187,7 @@ impl Endpoint {
             failures: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
             returned: Notify::new(),
             limits,
             health: EndpointHealth::default(),
@@ -262,6 +274,7 @@ impl Endpoint {
         let mut guard = InFlight {
             endpoint: self.clone(),
             settled: false,
+            started: Instant::now(),
         };
         let result = match proto {
             Proto::Http1 => self.send_h1(req).await,
@@ -289,8 +302,12 @@ impl Endpoint {
             })),
             Err(e) => {
                 self.failures.fetch_add(1, Relaxed);
-                // A failure counts as slow, so p2c steers away from it.
-                self.ewma.penalize();
+                // An endpoint's failure counts as slow, so p2c steers away
+                // from it; local overload and a client's broken body are
+                // not the endpoint's doing.
+                if !matches!(e, UpstreamError::Overloaded(_)) && !e.is_client_body() {
+                    self.ewma.penalize();
+                }
                 Err(e)
             }
         }
@@ -322,7 +339,11 @@ impl Endpoint {
             }
             let conn = pooled.conn.clone();
             conn.request_done.store(req.body().is_end_stream(), Relaxed);
-            let tracked = req.map(|inner| H1Body { inner, conn });
+            let tracked = req.map(|inner| H1Body {
+                remaining: inner.size_hint().exact(),
+                inner,
+                conn,
+            });
             // Latency is measured from the write, so connection set-up does not count against the endpoint.
             let start = Instant::now();
             match pooled.sender.try_send_request(tracked).await {
@@ -353,19 +374,34 @@ impl Endpoint {
         self: &Arc<Self>,
         req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, (UpstreamError, Option<Request<ReqBody>>)> {
-        let existing = self.h2.lock().as_ref().filter(|s| !s.is_closed()).cloned();
-        let mut sender = match existing {
+        let current = || self.h2.lock().as_ref().filter(|s| !s.is_closed()).cloned();
+        let mut fresh = false;
+        let mut sender = match current() {
             Some(s) => s,
-            None => match self.connect_h2().await {
-                Ok(s) => {
-                    *self.h2.lock() = Some(s.clone());
-                    s
+            None => {
+                // One connection at a time: a burst of first requests shares it.
+                let _one = self.h2_connecting.lock().await;
+                match current() {
+                    Some(s) => s,
+                    None => match self.connect_h2().await {
+                        Ok(s) => {
+                            fresh = true;
+                            *self.h2.lock() = Some(s.clone());
+                            s
+                        }
+                        Err(e @ UpstreamError::NotHttp2 { .. }) => return Err((e, Some(req))),
+                        Err(e) => return Err((e, None)),
+                    },
                 }
-                Err(e @ UpstreamError::NotHttp2 { .. }) => return Err((e, Some(req))),
-                Err(e) => return Err((e, None)),
-            },
+            }
         };
+        // What answers at this address may change (a redeploy): a new
+        // connection whose first request fails makes the endpoint unknown
+        // again, so the next one asks again.
         let request_error = |source| {
+            if fresh {
+                self.speaks_h2.store(H2_UNKNOWN, Relaxed);
+            }
             (
                 UpstreamError::Request {
                     addr: self.addr,
@@ -449,9 +485,14 @@ impl Endpoint {
             return Err(UpstreamError::Overloaded(Limit::Pending));
         };
         loop {
+            // Woken by a connection coming back to this endpoint's pool, or
+            // by a connection permit freed anywhere in the cluster (one that
+            // closed instead of coming back).
             let returned = self.returned.notified();
-            tokio::pin!(returned);
+            let freed = self.limits.freed();
+            tokio::pin!(returned, freed);
             returned.as_mut().enable();
+            freed.as_mut().enable();
             if let Some(s) = self.checkout() {
                 return Ok(Ok(s));
             }
@@ -460,7 +501,10 @@ impl Endpoint {
             {
                 return Ok(Err(p));
             }
-            returned.await;
+            tokio::select! {
+                _ = returned => {}
+                _ = freed => {}
+            }
         }
     }
 
@@ -559,18 +603,24 @@ impl Endpoint {
 
 /// Counts a request in flight until its response body ends. Dropped before
 /// the response head arrived (a per-try or route timeout, or the client
-/// gone), the request counts as slow, so the balancer steers away from an
-/// endpoint that hangs as it does from one that fails.
+/// gone), the request took at least as long as it waited: that wait is a
+/// sample if it is above the estimate, so a hanging endpoint is steered
+/// away from. Not a fixed penalty: a client that resets its requests at
+/// once must not make endpoints look slow (and concentrate the load).
 struct InFlight {
     endpoint: Arc<Endpoint>,
     settled: bool,
+    started: Instant,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Relaxed);
         if !self.settled {
-            self.endpoint.ewma.penalize();
+            let waited = self.started.elapsed();
+            if waited.as_nanos() as f64 > self.endpoint.ewma.get_ns() {
+                self.endpoint.ewma.observe(waited);
+            }
         }
     }
 }
@@ -704,8 +754,8 @@ mod tests {
         assert!(r.is_err(), "the upstream never answers");
         assert_eq!(ep.in_flight(), 0);
         assert!(
-            ep.ewma.get_ns() >= 0.9e9,
-            "abandoned request not counted as slow"
+            ep.ewma.get_ns() >= 90e6,
+            "abandoned request not counted as slow as it waited"
         );
     }
 }

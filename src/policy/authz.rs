@@ -185,6 +185,19 @@ impl<S> AuthzService<S> {
     pub fn inner(&self) -> &S {
         &self.inner
     }
+
+    /// The same check for what does not go through the stack (a CONNECT tunnel).
+    pub fn check(
+        &self,
+        peer: Option<&SpiffeId>,
+        method: &Method,
+        path: &str,
+    ) -> Result<(), ProxyError> {
+        match &self.authz {
+            Some(a) => a.check(peer, method, path),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<S, B, R> tower::Service<Request<B>> for AuthzService<S>

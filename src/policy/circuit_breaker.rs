@@ -23,6 +23,9 @@ pub struct Limits {
     max: [u32; 4],
     used: [AtomicU32; 4],
     rejected: [IntCounter; 4],
+    /// Told when a connection permit is given back, for requests waiting
+    /// for a connection.
+    freed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Limits {
@@ -50,6 +53,7 @@ impl Limits {
             ],
             used: Default::default(),
             rejected: ALL.map(|l| m.cb_rejections.with_label_values(&[cluster, l.as_str()])),
+            freed: tokio::sync::Notify::new(),
         })
     }
 
@@ -74,6 +78,11 @@ impl Limits {
         self.used[i].load(std::sync::atomic::Ordering::Acquire) < self.max[i]
     }
 
+    /// Resolves once a connection permit is given back.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
     pub fn used(&self, limit: Limit) -> u32 {
         self.used[limit as usize].load(std::sync::atomic::Ordering::Acquire)
     }
@@ -88,6 +97,9 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.limits.used[self.limit as usize].fetch_sub(1, AcqRel);
+        if self.limit == Limit::Connections {
+            self.limits.freed.notify_waiters();
+        }
     }
 }
 

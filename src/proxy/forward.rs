@@ -64,8 +64,8 @@ type BoxResponse = Pin<Box<dyn Future<Output = Result<Response<RespBody>, Routed
 /// What the response needs once the stack answers.
 struct After {
     meta: RouteMeta,
-    /// The client's side of an upgrade the route allows.
-    upgrade: Option<OnUpgrade>,
+    /// The client's side of an upgrade the route allows, and its protocol.
+    upgrade: Option<(OnUpgrade, http::HeaderValue)>,
     downstream: Proto,
     conn: Arc<ConnInfo>,
 }
@@ -251,6 +251,15 @@ fn prepare(
     };
     let drop_host = admit(conn, &req, index, downstream)?;
     let l = &conn.listener;
+    // Route, authorize and forward one canonical path.
+    match http_util::normalize_path(req.uri().path()) {
+        Ok(None) => {}
+        Ok(Some(p)) => http_util::set_path(&mut req, &p).map_err(|_| ProxyError::BadPath)?,
+        Err(_) => {
+            l.bad_request("bad-path");
+            return Err(ProxyError::BadPath.into());
+        }
+    }
     if let Some(port) = l.redirect_https {
         return Err(ProxyError::RedirectHttps {
             location: https_location(&req, port),
@@ -288,15 +297,32 @@ fn prepare(
         if !target.connect {
             return Err(Routed::with(ProxyError::ConnectNotAllowed, meta));
         }
-        check_tunnel_room(l).map_err(|e| Routed::with(e, meta.clone()))?;
+        // A tunnel skips the route's stack: its authorization and rate
+        // limit are checked here.
+        let peer = conn.peer_id.as_ref().map(|(id, _, _)| &*id.0);
+        let admitted = target
+            .stack
+            .check(peer, req.method(), "/")
+            .and_then(|()| match target.stack.inner().bucket() {
+                Some(b) => b.try_acquire(),
+                None => Ok(()),
+            })
+            .and_then(|()| check_tunnel_room(l));
+        if let Err(e) = admitted {
+            return Err(Routed::with(e, meta));
+        }
         return Ok(Prepared::Connect(open_connect(conn, target, req, meta)));
     }
 
     // Only upgrades the route allows are tunnelled (WebSocket by default):
     // any other, `h2c` above all, would carry traffic past every route,
     // policy and log. Those requests are served as plain HTTP/1.1.
-    let upgrade = downstream == Proto::Http1
-        && headers::upgrade_token(req.headers()).is_some_and(|t| target.allows_upgrade(t));
+    let upgrade_token = (downstream == Proto::Http1)
+        .then(|| headers::upgrade_token(req.headers()))
+        .flatten()
+        .filter(|t| target.allows_upgrade(t))
+        .and_then(|t| http::HeaderValue::from_str(t).ok());
+    let upgrade = upgrade_token.is_some();
     if upgrade {
         check_tunnel_room(l).map_err(|e| Routed::with(e, meta.clone()))?;
     }
@@ -319,6 +345,11 @@ fn prepare(
     drop(snap);
     let hdrs = req.headers_mut();
     headers::strip_hop_by_hop(hdrs, upgrade);
+    if let Some(t) = &upgrade_token {
+        // Only the protocol the route allows goes upstream, and only it
+        // may come back in the 101.
+        hdrs.insert(header::UPGRADE, t.clone());
+    }
     if drop_host {
         hdrs.remove(header::HOST);
     }
@@ -348,7 +379,7 @@ fn prepare(
         Proto::Http1 => http_util::to_http1(&mut req),
         Proto::Http2 => http_util::to_http2(&mut req, authority),
     }
-    let upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upgrade = upgrade_token.map(|t| (hyper::upgrade::on(&mut req), t));
     Ok(Prepared::Sent(Sent {
         inner: stack.oneshot(
             req.map(|b| ReqBody::Incoming(ClientBody::new(b, Some(l.stream_idle_timeout)))),
@@ -424,9 +455,12 @@ fn finish(mut resp: Response<RespBody>, after: After) -> Result<Response<RespBod
     meta.upstream = resp.extensions().get::<Served>().map(|s| s.0);
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(down) = upgrade else {
-            // A 101 the client did not ask for would leave both sides
-            // speaking different protocols on one connection.
+        // A 101 the client did not ask for, or to another protocol than the
+        // one the route allows, would carry traffic nobody checked.
+        let switched_to = resp.headers().get(header::UPGRADE);
+        let Some((down, _)) = upgrade.filter(|(_, asked)| {
+            switched_to.is_some_and(|s| s.as_bytes().eq_ignore_ascii_case(asked.as_bytes()))
+        }) else {
             return Err(Routed::with(ProxyError::UnexpectedUpgrade, meta));
         };
         let up = hyper::upgrade::on(&mut resp);

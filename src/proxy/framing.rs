@@ -59,26 +59,80 @@ impl Framing {
     }
 }
 
-/// The longest line prefix kept: enough for the header names and values
-/// that decide framing.
-const LINE: usize = 64;
+/// The part of a header line kept to tell its name: enough for
+/// `transfer-encoding:` and the start of a request line.
+const NAME: usize = 20;
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// In a request head.
+    /// In a request head (lines end at LF; a CR before it is ignored, as
+    /// httparse does).
     Head,
     /// `n` body bytes left.
     Body(u64),
-    /// A chunk-size line.
+    /// Chunked framing, byte by byte exactly as hyper's decoder takes it
+    /// (CRLF only): the size's first digit, more digits, whitespace after
+    /// them, an extension, the LF ending the size line.
+    ChunkStart,
     ChunkSize,
-    /// `n` chunk bytes left, then the CRLF that ends the chunk.
+    ChunkSizeLws,
+    ChunkExt,
+    ChunkSizeLf,
+    /// `n` chunk bytes left, then CR LF.
     ChunkData(u64),
-    /// The line ending a chunk's data.
-    ChunkEnd,
-    /// Trailer lines after the last chunk.
-    Trailers,
-    /// Not HTTP/1 (an HTTP/2 preface, a tunnel): stop looking.
+    ChunkDataCr,
+    ChunkDataLf,
+    /// After the last chunk: CR LF ends the message, anything else starts
+    /// a trailer line, which ends only at CR LF.
+    EndCr,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    /// Not HTTP/1 (an HTTP/2 preface, a tunnel), or framing hyper refuses
+    /// (it closes the connection): stop looking.
     Opaque,
+}
+
+/// What a header line is, as far as framing goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    Undecided,
+    ContentLength(LenParse),
+    TransferEncoding,
+    Other,
+}
+
+/// A `Content-Length` value parsed as it streams: optional whitespace,
+/// digits, optional whitespace (then the CR of the line end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LenParse {
+    Before,
+    Digits(u64),
+    After(u64),
+    Invalid,
+}
+
+impl LenParse {
+    fn push(self, b: u8) -> LenParse {
+        match (self, b) {
+            (LenParse::Invalid, _) => LenParse::Invalid,
+            (LenParse::Before, b' ' | b'\t') => LenParse::Before,
+            (LenParse::Before, d @ b'0'..=b'9') => LenParse::Digits(u64::from(d - b'0')),
+            (LenParse::Digits(n), d @ b'0'..=b'9') => n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(d - b'0')))
+                .map_or(LenParse::Invalid, LenParse::Digits),
+            (LenParse::Digits(n) | LenParse::After(n), b' ' | b'\t' | b'\r') => LenParse::After(n),
+            _ => LenParse::Invalid,
+        }
+    }
+
+    fn value(self) -> Option<u64> {
+        match self {
+            LenParse::Digits(n) | LenParse::After(n) => Some(n),
+            _ => None,
+        }
+    }
 }
 
 /// The incremental parser. Kept apart from the I/O so it can be tested
@@ -86,32 +140,35 @@ enum State {
 #[derive(Debug)]
 pub struct Parser {
     state: State,
-    line: [u8; LINE],
+    /// The current head line: bytes seen, the first ones (lowercased), and
+    /// what kind of line it is.
     line_len: usize,
-    line_total: usize,
+    name: [u8; NAME],
+    line: Line,
     /// Heads completed so far (the index of the current one).
     heads: u64,
     /// In the current head: lines seen, and what they said.
     lines: u32,
     te: bool,
     cl: Option<u64>,
+    /// A `Content-Length` hyper would refuse (it answers 400 and closes).
+    cl_invalid: bool,
     chunk: u64,
-    chunk_digits: bool,
 }
 
 impl Default for Parser {
     fn default() -> Self {
         Parser {
             state: State::Head,
-            line: [0; LINE],
             line_len: 0,
-            line_total: 0,
+            name: [0; NAME],
+            line: Line::Undecided,
             heads: 0,
             lines: 0,
             te: false,
             cl: None,
+            cl_invalid: false,
             chunk: 0,
-            chunk_digits: false,
         }
     }
 }
@@ -127,158 +184,146 @@ pub struct Found {
 
 impl Parser {
     pub fn is_opaque(&self) -> bool {
-        matches!(self.state, State::Opaque)
+        self.state == State::Opaque
     }
 
-    /// Follows `bytes`, the next bytes of the stream.
+    /// Follows `bytes`, the next bytes of the stream. Body bytes are
+    /// skipped by count; everything else is looked at once.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Found {
         let mut found = Found::default();
-        while !bytes.is_empty() {
-            match &mut self.state {
+        while let Some((&b, rest)) = bytes.split_first() {
+            match self.state {
                 State::Opaque => break,
-                State::Body(n) => {
-                    let take = (*n).min(bytes.len() as u64);
-                    *n -= take;
+                State::Body(n) | State::ChunkData(n) => {
+                    let take = n.min(bytes.len() as u64);
                     bytes = &bytes[take as usize..];
-                    if *n == 0 {
-                        self.state = State::Head;
-                    }
-                }
-                State::ChunkData(n) => {
-                    let take = (*n).min(bytes.len() as u64);
-                    *n -= take;
-                    bytes = &bytes[take as usize..];
-                    if *n == 0 {
-                        self.state = State::ChunkEnd;
-                    }
-                }
-                State::ChunkSize => {
-                    let (line_done, used) = self.chunk_size_bytes(bytes);
-                    bytes = &bytes[used..];
-                    if line_done {
-                        self.state = match self.chunk {
-                            0 => State::Trailers,
-                            n => State::ChunkData(n),
-                        };
-                        self.chunk = 0;
-                        self.chunk_digits = false;
-                    }
-                }
-                State::ChunkEnd | State::Trailers | State::Head => {
-                    let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
-                        self.keep(bytes);
-                        break;
+                    let left = n - take;
+                    self.state = match (self.state, left) {
+                        (State::Body(_), 0) => State::Head,
+                        (State::Body(_), l) => State::Body(l),
+                        (_, 0) => State::ChunkDataCr,
+                        (_, l) => State::ChunkData(l),
                     };
-                    self.keep(&bytes[..nl]);
-                    bytes = &bytes[nl + 1..];
-                    self.end_line(&mut found);
+                    continue;
                 }
+                State::Head => self.head_byte(b, &mut found),
+                _ => self.chunked_byte(b),
             }
+            bytes = rest;
         }
         found
     }
 
-    /// Keeps the start of the current line.
-    fn keep(&mut self, part: &[u8]) {
-        let room = LINE - self.line_len;
-        let n = room.min(part.len());
-        self.line[self.line_len..self.line_len + n].copy_from_slice(&part[..n]);
-        self.line_len += n;
-        self.line_total += part.len();
+    fn chunked_byte(&mut self, b: u8) {
+        let hex = (b as char).to_digit(16).map(u64::from);
+        self.state = match (self.state, b, hex) {
+            (State::ChunkStart, _, Some(d)) => {
+                self.chunk = d;
+                State::ChunkSize
+            }
+            (State::ChunkSize, _, Some(d)) => match self.chunk.checked_mul(16) {
+                Some(n) => {
+                    self.chunk = n + d;
+                    State::ChunkSize
+                }
+                None => State::Opaque,
+            },
+            (State::ChunkSize | State::ChunkSizeLws, b' ' | b'\t', _) => State::ChunkSizeLws,
+            (State::ChunkSize | State::ChunkSizeLws, b';', _) => State::ChunkExt,
+            (State::ChunkSize | State::ChunkSizeLws | State::ChunkExt, b'\r', _) => {
+                State::ChunkSizeLf
+            }
+            (State::ChunkExt, b'\n', _) => State::Opaque,
+            (State::ChunkExt, _, _) => State::ChunkExt,
+            (State::ChunkSizeLf, b'\n', _) if self.chunk == 0 => State::EndCr,
+            (State::ChunkSizeLf, b'\n', _) => State::ChunkData(self.chunk),
+            (State::ChunkDataCr, b'\r', _) => State::ChunkDataLf,
+            (State::ChunkDataLf, b'\n', _) => State::ChunkStart,
+            (State::EndCr, b'\r', _) => State::EndLf,
+            (State::Trailer, b'\r', _) => State::TrailerLf,
+            (State::EndCr | State::Trailer, _, _) => State::Trailer,
+            (State::TrailerLf, b'\n', _) => State::EndCr,
+            (State::EndLf, b'\n', _) => State::Head,
+            // Anything else is a framing error hyper refuses, closing the
+            // connection: nothing more to watch.
+            _ => State::Opaque,
+        };
     }
 
-    /// Reads chunk-size hex digits up to the line's end; returns whether the
-    /// line ended and how many bytes were used.
-    fn chunk_size_bytes(&mut self, bytes: &[u8]) -> (bool, usize) {
-        for (i, &b) in bytes.iter().enumerate() {
-            if b == b'\n' {
-                return (true, i + 1);
-            }
-            if self.chunk_digits {
-                match (b as char).to_digit(16) {
-                    Some(d) => {
-                        self.chunk = self.chunk.saturating_mul(16).saturating_add(u64::from(d));
-                    }
-                    // `;ext`, CR or anything else ends the digits.
-                    None => self.chunk_digits = false,
-                }
-            }
+    fn head_byte(&mut self, b: u8, found: &mut Found) {
+        if b == b'\n' {
+            return self.end_line(found);
         }
-        (false, bytes.len())
+        if self.line_len < NAME {
+            self.name[self.line_len] = b.to_ascii_lowercase();
+        }
+        self.line_len += 1;
+        if self.lines == 0 {
+            return; // the request line: only its start matters (end_line)
+        }
+        self.line = match self.line {
+            Line::Undecided if b == b':' => match &self.name[..self.line_len.min(NAME) - 1] {
+                b"content-length" => Line::ContentLength(LenParse::Before),
+                b"transfer-encoding" => Line::TransferEncoding,
+                _ => Line::Other,
+            },
+            Line::Undecided if self.line_len > NAME => Line::Other,
+            Line::ContentLength(v) => Line::ContentLength(v.push(b)),
+            other => other,
+        };
     }
 
     fn end_line(&mut self, found: &mut Found) {
-        let mut line = &self.line[..self.line_len];
-        if line.last() == Some(&b'\r') && self.line_total == self.line_len {
-            line = &line[..line.len() - 1];
-        }
-        let empty = self.line_total <= 1 && line.is_empty();
-        match self.state {
-            State::ChunkEnd => self.start_chunk(),
-            State::Trailers if empty => self.state = State::Head,
-            State::Head if empty && self.lines == 0 => {} // RFC 9112 §2.2: a stray CRLF before a request line
-            State::Head if empty => self.end_head(found),
-            State::Head => {
-                if self.lines == 0 && line.starts_with(b"PRI * HTTP/2.0") {
-                    self.state = State::Opaque;
-                } else if self.lines > 0 {
-                    if starts_with_ci(line, b"transfer-encoding:") {
-                        self.te = true;
-                    } else if let Some(v) = strip_prefix_ci(line, b"content-length:") {
-                        self.cl = parse_len(v);
-                    }
-                }
-                self.lines += 1;
+        let blank = self.line_len == 0 || (self.line_len == 1 && self.name[0] == b'\r');
+        if self.lines == 0 {
+            if blank {
+                // RFC 9112 §2.2: a stray empty line before a request line.
+            } else if self.name[..self.line_len.min(NAME)].starts_with(b"pri * http/2.0") {
+                self.state = State::Opaque;
+            } else {
+                self.lines = 1;
             }
-            _ => {}
+        } else if blank {
+            self.end_head(found);
+        } else {
+            match self.line {
+                Line::TransferEncoding => self.te = true,
+                Line::ContentLength(v) => match v.value() {
+                    Some(n) => self.cl = Some(n),
+                    None => self.cl_invalid = true,
+                },
+                _ => {}
+            }
+            self.lines += 1;
         }
         self.line_len = 0;
-        self.line_total = 0;
-    }
-
-    fn start_chunk(&mut self) {
-        self.state = State::ChunkSize;
-        self.chunk = 0;
-        self.chunk_digits = true;
+        self.line = Line::Undecided;
     }
 
     fn end_head(&mut self, found: &mut Found) {
-        if self.te && self.cl.is_some() {
+        if self.te && (self.cl.is_some() || self.cl_invalid) {
             found.conflict.get_or_insert(self.heads);
         }
         if self.heads == 0 {
             found.first_head_done = true;
         }
         self.heads += 1;
-        if self.te {
-            self.start_chunk();
+        self.state = if self.cl_invalid && !self.te {
+            // hyper answers 400 and closes: the rest is not a request stream.
+            State::Opaque
+        } else if self.te {
+            State::ChunkStart
         } else {
             match self.cl {
-                Some(n) if n > 0 => self.state = State::Body(n),
-                _ => self.state = State::Head,
+                Some(n) if n > 0 => State::Body(n),
+                _ => State::Head,
             }
-        }
+        };
         self.lines = 0;
         self.te = false;
         self.cl = None;
+        self.cl_invalid = false;
     }
-}
-
-fn starts_with_ci(line: &[u8], prefix: &[u8]) -> bool {
-    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
-}
-
-fn strip_prefix_ci<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
-    starts_with_ci(line, prefix).then(|| &line[prefix.len()..])
-}
-
-fn parse_len(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-        // Not a length hyper would accept: it refuses the request itself.
-        return Some(0);
-    }
-    std::str::from_utf8(v).ok()?.parse().ok().or(Some(u64::MAX))
 }
 
 pub struct FramingWatch<T> {
@@ -426,7 +471,8 @@ POST /d HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r
         let mut p = Parser::default();
         let f = p.feed(b"GET / HTTP/1.1\nhost: x\n\n");
         assert!(f.first_head_done, "a head ended by bare LFs is complete");
-        let f = p.feed(b"POST / HTTP/1.1\ntransfer-encoding: chunked\ncontent-length: 1\n\n0\n\n");
+        let f =
+            p.feed(b"POST / HTTP/1.1\ntransfer-encoding: chunked\ncontent-length: 1\n\n0\r\n\r\n");
         assert_eq!(f.conflict, Some(1));
     }
 
@@ -434,12 +480,54 @@ POST /d HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r
     fn chunk_extensions_and_large_chunks() {
         let mut p = Parser::default();
         p.feed(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
-        p.feed(b"10;name=value\r\n");
+        p.feed(b"10 ;name=value\r\n");
         p.feed(&[b'x'; 16]);
         p.feed(b"\r\n0\r\n\r\n");
         let f =
             p.feed(b"GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n");
         assert_eq!(f.conflict, Some(1));
+    }
+
+    #[test]
+    fn a_long_content_length_line_is_read_whole() {
+        // Found in review: a value past the first 64 bytes of its line
+        // (padding, leading zeros) was read as 0 and the body as heads.
+        let padded = format!(
+            "POST / HTTP/1.1\r\ncontent-length:{}5\r\n\r\nhello",
+            " ".repeat(60)
+        );
+        let zeros = format!(
+            "POST / HTTP/1.1\r\ncontent-length: {}5\r\n\r\nhello",
+            "0".repeat(70)
+        );
+        for first in [padded, zeros] {
+            let mut stream = first.into_bytes();
+            stream.extend_from_slice(
+                b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 1\r\n\r\n0\r\n\r\n",
+            );
+            assert_eq!(
+                conflicts(&[&stream]),
+                [1],
+                "{}",
+                String::from_utf8_lossy(&stream)
+            );
+            assert_eq!(bytewise(&stream), [1]);
+        }
+    }
+
+    #[test]
+    fn bare_lf_is_trailer_content_as_hyper_reads_it() {
+        // Found in review: hyper ends trailer lines only at CRLF, so this
+        // "request" is part of the trailers, not a head.
+        let stream = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\nPOST /x HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 99999\r\n\r\n";
+        assert!(conflicts(&[stream]).is_empty());
+    }
+
+    #[test]
+    fn framing_hyper_refuses_stops_the_watch() {
+        let mut p = Parser::default();
+        p.feed(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5\nhello");
+        assert!(p.is_opaque(), "a bare LF after a chunk size: hyper closes");
     }
 
     #[test]

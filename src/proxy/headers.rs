@@ -188,10 +188,30 @@ pub struct Trust {
 }
 
 impl Trust {
+    /// With CIDRs configured, the peer must be in one (also when
+    /// `trusted_hops` is set: a client that reaches the gateway past the
+    /// load balancer is not trusted); with only hops, every peer is the
+    /// load balancer.
     fn peer_trusted(&self, peer: IpAddr) -> bool {
-        self.hops > 0 || self.proxies.iter().any(|c| c.contains(peer))
+        if self.proxies.is_empty() {
+            self.hops > 0
+        } else {
+            self.proxies.iter().any(|c| c.contains(peer))
+        }
     }
 }
+
+/// Other headers proxies and CDNs use to say who the client was or how it
+/// reached them: only a trusted peer's survive, or an app's IP allowlist
+/// and generated URLs (password-reset links) would believe the internet.
+const CLIENT_CLAIMS: [&str; 6] = [
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "true-client-ip",
+    "x-client-ip",
+];
 
 /// The entries of every `name` line, in order: several lines are one list.
 fn chain(headers: &HeaderMap, name: &str) -> Vec<String> {
@@ -236,7 +256,17 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str,
     if let Ok(v) = HeaderValue::from_str(&fwd.join(", ")) {
         headers.insert(header::FORWARDED, v);
     }
-    headers.insert(XFP, HeaderValue::from_static(proto));
+    if trusted {
+        // A trusted TLS-terminating load balancer knows the client's scheme.
+        if !headers.contains_key(XFP) {
+            headers.insert(XFP, HeaderValue::from_static(proto));
+        }
+    } else {
+        for name in CLIENT_CLAIMS {
+            headers.remove(name);
+        }
+        headers.insert(XFP, HeaderValue::from_static(proto));
+    }
 }
 
 #[cfg(test)]
@@ -350,8 +380,11 @@ mod tests {
             ])
         };
         let mut h = spoofed();
+        h.insert("x-real-ip", "6.6.6.6".parse().unwrap());
+        h.insert("x-forwarded-host", "evil.example".parse().unwrap());
         set_forwarded(&mut h, peer, "http", &Trust::default());
         assert_eq!(h[XFF], "127.0.0.9");
+        assert!(h.get("x-real-ip").is_none() && h.get("x-forwarded-host").is_none());
         assert_eq!(h["forwarded"], "for=127.0.0.9;proto=http");
         assert_eq!(h[XFP], "http");
 

@@ -176,10 +176,18 @@ impl Ca {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
+/// Writes a private key readable by its owner only. The old file (or a
+/// symlink someone planted there) is removed first and the new one created
+/// exclusively, so the mode always applies and no link is followed.
+pub fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
     use std::io::Write;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -189,14 +197,36 @@ fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
     f.write_all(text.as_bytes()).map_err(io(path))
 }
 
+/// Creates `dir` for key material (mode 0700), refusing one that is a
+/// symlink.
+pub fn private_dir(dir: &Path) -> Result<(), CaError> {
+    if let Ok(m) = std::fs::symlink_metadata(dir)
+        && !m.is_dir()
+    {
+        return Err(io(dir)(std::io::Error::other(
+            "exists and is not a directory (a symlink?)",
+        )));
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(io(dir))
+}
+
 /// `outrigger ca init DIR`: a new CA in DIR (`ca.pem`, `ca-key.pem`).
 pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf, CaError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    private_dir(dir)?;
     let cert_path = dir.join("ca.pem");
-    if cert_path.exists() {
-        return Err(CaError::Exists {
-            path: cert_path.display().to_string(),
-        });
+    for existing in [&cert_path, &dir.join("ca-key.pem")] {
+        if existing.exists() {
+            return Err(CaError::Exists {
+                path: existing.display().to_string(),
+            });
+        }
     }
     let (ca, key_pem) = Ca::generate(trust_domain)?;
     write_private(&dir.join("ca-key.pem"), &key_pem)?;
@@ -214,7 +244,7 @@ pub fn issue_to(
 ) -> Result<(), CaError> {
     let ca = Ca::load(ca_dir)?;
     let (cert, key) = ca.issue(id, valid, dns)?;
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    private_dir(out)?;
     write_private(&out.join("key.pem"), &key)?;
     let c = out.join("cert.pem");
     std::fs::write(&c, cert).map_err(io(&c))?;

@@ -155,6 +155,8 @@ pub fn serial_and_expiry(der: &[u8]) -> Option<(String, i64)> {
 pub struct IdentityStore {
     pub trust_domain: String,
     current: ArcSwap<Credentials>,
+    /// Bumped by every install: session tickets issued before it are void.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl IdentityStore {
@@ -162,6 +164,7 @@ impl IdentityStore {
         let store = Arc::new(IdentityStore {
             trust_domain: trust_domain.to_string(),
             current: ArcSwap::from_pointee(first),
+            generation: std::sync::atomic::AtomicU64::new(0),
         });
         store.publish();
         store
@@ -171,10 +174,17 @@ impl IdentityStore {
         self.current.load_full()
     }
 
+    /// How many installs so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Installs rotated credentials: new handshakes use them at once.
     pub fn install(&self, creds: Credentials) {
         tracing::info!(id = %creds.id, serial = %creds.serial, not_after = creds.not_after, "certificate rotated");
         self.current.store(Arc::new(creds));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         metrics().cert_rotations.with_label_values(&["ok"]).inc();
         self.publish();
     }

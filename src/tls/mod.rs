@@ -60,16 +60,68 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
+/// How long a mesh session ticket may be used to resume.
+pub const MESH_TICKET_LIFETIME: u32 = 600;
+
+/// Session tickets for mesh listeners. A resumed session skips certificate
+/// verification, so a ticket must not outlive what the full handshake
+/// checked: each carries the identity store's generation and its issue
+/// time, and is refused after any rotation (of the certificate or the trust
+/// bundle) or `MESH_TICKET_LIFETIME` seconds, whatever the client claims.
+#[derive(Debug)]
+struct MeshTickets {
+    store: Arc<IdentityStore>,
+    inner: Arc<dyn rustls::server::ProducesTickets>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl rustls::server::ProducesTickets for MeshTickets {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        MESH_TICKET_LIFETIME
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = Vec::with_capacity(16 + plain.len());
+        buf.extend_from_slice(&self.store.generation().to_be_bytes());
+        buf.extend_from_slice(&unix_now().to_be_bytes());
+        buf.extend_from_slice(plain);
+        self.inner.encrypt(&buf)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.inner.decrypt(cipher)?;
+        let (head, rest) = plain.split_at_checked(16)?;
+        let generation = u64::from_be_bytes(head[..8].try_into().ok()?);
+        let issued = u64::from_be_bytes(head[8..].try_into().ok()?);
+        let fresh = unix_now().saturating_sub(issued) <= u64::from(MESH_TICKET_LIFETIME);
+        (generation == self.store.generation() && fresh).then(|| rest.to_vec())
+    }
+}
+
 /// A listener terminating mTLS between sidecars: TLS 1.3 only, a client
 /// certificate of the trust domain required, ALPN `h2` and `http/1.1`,
-/// stateless session tickets for resumption.
+/// resumption by short-lived session tickets void after any rotation.
 pub fn mesh_server(store: &Arc<IdentityStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut c = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verify::ClientIdentityVerifier::new(store.clone())))
         .with_cert_resolver(Arc::new(CurrentCert(store.clone())));
     c.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
-    c.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    c.ticketer = Arc::new(MeshTickets {
+        store: store.clone(),
+        inner: rustls::crypto::ring::Ticketer::new()?,
+    });
+    // Stateless tickets only: the stateful cache has no such checks.
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(c))
 }
 
@@ -180,4 +232,58 @@ pub fn load_certified(
         )
     })?;
     Ok(Arc::new(ck))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::server::ProducesTickets;
+
+    fn store() -> (Arc<IdentityStore>, ca::Ca) {
+        let (ca, _) = ca::Ca::generate("t.test").unwrap();
+        let id = SpiffeId::parse("spiffe://t.test/ns/a/sa/b").unwrap();
+        let (cert, key) = ca
+            .issue(&id, std::time::Duration::from_secs(3600), &[])
+            .unwrap();
+        let creds = identity::Credentials::from_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            ca.cert_pem.as_bytes(),
+            "t.test",
+            ["c", "k", "r"],
+        )
+        .unwrap();
+        (IdentityStore::new("t.test", creds), ca)
+    }
+
+    #[test]
+    fn mesh_tickets_die_with_a_rotation() {
+        let (store, ca) = store();
+        let t = MeshTickets {
+            store: store.clone(),
+            inner: rustls::crypto::ring::Ticketer::new().unwrap(),
+        };
+        let ticket = t.encrypt(b"session").unwrap();
+        assert_eq!(t.decrypt(&ticket).as_deref(), Some(&b"session"[..]));
+        let id = SpiffeId::parse("spiffe://t.test/ns/a/sa/b").unwrap();
+        let (cert, key) = ca
+            .issue(&id, std::time::Duration::from_secs(3600), &[])
+            .unwrap();
+        store.install(
+            identity::Credentials::from_pem(
+                cert.as_bytes(),
+                key.as_bytes(),
+                ca.cert_pem.as_bytes(),
+                "t.test",
+                ["c", "k", "r"],
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            t.decrypt(&ticket),
+            None,
+            "a ticket from before the rotation resumed"
+        );
+        assert!(t.decrypt(&t.encrypt(b"x").unwrap()).is_some());
+    }
 }
