@@ -17,7 +17,7 @@ use support::*;
 /// The callee: an inbound listener in front of `app`.
 fn callee_yaml(files: &Files, app: &Upstream, tls: &str, extra: &str) -> String {
     format!(
-        "{}listeners: [ {{ name: in, role: inbound, address: 127.0.0.1:0, forward_to: {}, tls: {tls} }} ]\n{extra}",
+        "{}listeners: [ {{ name: in, role: inbound, address: 127.0.0.1:0, forward_to: {}, tls: {tls}, access_log: true }} ]\n{extra}",
         files.identity_yaml(),
         app.addr
     )
@@ -95,6 +95,11 @@ async fn two_sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
         assert_eq!(seen["x-outrigger-peer-identity"], spiffe("web").as_str());
         assert_eq!(seen.get_all("x-outrigger-peer-identity").iter().count(), 1);
     }
+    // The callee's access log names the caller.
+    let line = m
+        .callee
+        .wait_log(|l| l.contains("\"access\"") && l.contains("\"peer\":\"spiffe://"));
+    assert!(line.contains(&spiffe("web")), "{line}");
     // HTTP/2 between the sidecars when the caller spoke it (ALPN), and the
     // handshakes were counted on both sides.
     assert_eq!(m.app.last().version, http::Version::HTTP_2);

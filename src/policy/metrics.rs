@@ -26,11 +26,13 @@ pub struct ListenerScope {
 #[derive(Clone)]
 pub struct MetricsLayer {
     listener: Arc<ListenerScope>,
+    /// The connection's verified peer identity (mTLS), for the access log.
+    peer: Option<Arc<str>>,
 }
 
 impl MetricsLayer {
-    pub fn new(listener: Arc<ListenerScope>) -> Self {
-        MetricsLayer { listener }
+    pub fn new(listener: Arc<ListenerScope>, peer: Option<Arc<str>>) -> Self {
+        MetricsLayer { listener, peer }
     }
 }
 
@@ -40,6 +42,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
         Metrics {
             inner,
             listener: self.listener.clone(),
+            peer: self.peer.clone(),
         }
     }
 }
@@ -48,6 +51,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
 pub struct Metrics<S> {
     inner: S,
     listener: Arc<ListenerScope>,
+    peer: Option<Arc<str>>,
 }
 
 /// Access-log flags: what went wrong (`timeout`, `circuit_open`, ...) and `retry`.
@@ -70,6 +74,7 @@ struct Access {
     method: http::Method,
     authority: Option<String>,
     path: String,
+    peer: Option<Arc<str>>,
 }
 
 impl<S, B, RB> tower::Service<Request<B>> for Metrics<S>
@@ -89,6 +94,7 @@ where
             method: req.method().clone(),
             authority: crate::http_util::authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),
+            peer: self.peer.clone(),
         });
         MetricsFuture {
             inner: self.inner.call(req),
@@ -149,6 +155,7 @@ where
                     attempts,
                     flags = %flags(meta.and_then(|m| m.error), attempts),
                     error = meta.and_then(|m| m.detail.as_deref()).unwrap_or(""),
+                    peer = a.peer.as_deref().unwrap_or(""),
                     "access"
                 );
             }

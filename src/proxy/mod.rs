@@ -598,6 +598,7 @@ async fn serve_http<I>(
     let stream = framing::FramingWatch::new(stream, Some(info.header_read_timeout));
     let framing = stream.framing.clone();
 
+    let peer_name: Option<Arc<str>> = peer_id.as_ref().map(|(id, _, _)| id.0.as_str().into());
     let conn_info = Arc::new(ConnInfo {
         listener: info.clone(),
         peer,
@@ -608,7 +609,7 @@ async fn serve_http<I>(
         _open: open,
     });
     let stack = tower::ServiceBuilder::new()
-        .layer(MetricsLayer::new(info.scope.clone()))
+        .layer(MetricsLayer::new(info.scope.clone(), peer_name))
         .layer(ErrorLayer::new(info.error_detail))
         .service(Forward {
             conn: conn_info.clone(),
