@@ -226,7 +226,10 @@ mod tests {
         let banner = super::banner();
         for r in &config.routes {
             let shown = match &r.matches.host {
-                Some(h) => banner.contains(&format!("host: {h}")),
+                Some(h) => h
+                    .list()
+                    .iter()
+                    .any(|h| banner.contains(&format!("host: {h}"))),
                 None => r
                     .matches
                     .path_prefix

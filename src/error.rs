@@ -175,8 +175,8 @@ pub enum ProxyError {
     UnexpectedUpgrade,
     #[error("not authorized")]
     Unauthorized,
-    #[error("this listener serves HTTPS: {location}")]
-    RedirectHttps { location: String },
+    #[error("redirected to {location}")]
+    Redirect { status: u16, location: String },
     #[error("listener is being removed")]
     ListenerGone,
     #[error("{} timeout after {after:?}", kind.as_str())]
@@ -265,7 +265,9 @@ impl ProxyError {
             ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
             ProxyError::Unauthorized => StatusCode::FORBIDDEN,
-            ProxyError::RedirectHttps { .. } => StatusCode::PERMANENT_REDIRECT,
+            ProxyError::Redirect { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND)
+            }
         }
     }
 
@@ -316,7 +318,7 @@ impl ProxyError {
             ProxyError::ConnectNotAllowed => "connect-not-allowed",
             ProxyError::UnexpectedUpgrade => "unexpected-upgrade",
             ProxyError::Unauthorized => "unauthorized",
-            ProxyError::RedirectHttps { .. } => "https-redirect",
+            ProxyError::Redirect { .. } => "redirect",
             ProxyError::ListenerGone => "listener-gone",
         }
     }

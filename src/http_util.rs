@@ -143,6 +143,20 @@ pub fn set_path<B>(req: &mut http::Request<B>, path: &str) -> Result<(), BadPath
     Ok(())
 }
 
+/// Replaces the request's authority: the URI's when it has one, and `Host`.
+pub fn set_authority<B>(req: &mut http::Request<B>, authority: &Authority) {
+    if req.uri().authority().is_some() {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.authority = Some(authority.clone());
+        if let Ok(u) = Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+}
+
 /// The proxy's own header namespace.
 const OWN_PREFIX: &str = "x-outrigger-";
 

@@ -14,6 +14,7 @@ use crate::policy::rate_limit::{RateLimit, RateLimitLayer, TokenBucket};
 use crate::policy::retry::{Retry, RetryLayer, RetryPolicy};
 use crate::policy::timeout::{Timeout, TimeoutLayer};
 use crate::policy::total_timeout::{TotalTimeout, TotalTimeoutLayer};
+use crate::route::filters::Filters;
 use crate::route::{CompileError, RouteTable};
 use crate::telemetry::RouteStats;
 use crate::tls::identity::IdentityStore;
@@ -93,6 +94,8 @@ pub struct ListenerRoutes {
     pub table: RouteTable,
     /// `targets[route][backend]`
     pub targets: Vec<Vec<Target>>,
+    /// `filters[route]`: header edits, rewrites, redirects.
+    pub filters: Vec<Option<Arc<Filters>>>,
     /// Inbound listeners: the local app, for requests no route claims.
     pub forward: Option<Target>,
     /// The listener's own rate limit, before routing.
@@ -221,11 +224,16 @@ impl Snapshot {
                     connect: false,
                 }
             });
+            let filters = routes
+                .iter()
+                .map(|r| Filters::compile(r).map(Arc::new))
+                .collect();
             listeners.insert(
                 l.name.clone(),
                 ListenerRoutes {
                     table,
                     targets,
+                    filters,
                     forward,
                     rate_limit: l
                         .rate_limit

@@ -88,10 +88,11 @@ async fn fails_and_recovers(
         ups[2].hits() > before
     })
     .await;
-    // Back to about its fair third, not a trickle and not a herd.
+    // Back to a share near its fair third (p2c over latency estimates is
+    // noisy in a short window): not a trickle, not a herd.
     let got = share(p.addr("out"), &ups[2], 800).await;
     assert!(
-        (120..=500).contains(&got),
+        (80..=480).contains(&got),
         "healed endpoint served {got} of 800 requests"
     );
 }

@@ -266,3 +266,58 @@ async fn ring_hash_is_sticky_per_key_and_spreads_keys() {
         "60 keys should land on all 3 endpoints: {owners:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_lists_header_edits_rewrites_and_redirects() {
+    let ups = upstreams(&["orders"]).await;
+    let yaml = format!(
+        r#"
+listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]
+routes:
+  - name: old
+    match: {{ host: [orders, orders.shop, orders.shop.svc.cluster.local], path_prefix: /v1/ }}
+    redirect: {{ scheme: https, path_prefix: /v2/, status: 301 }}
+  - name: api
+    match: {{ host: [orders, orders.shop, orders.shop.svc.cluster.local], path_prefix: /api/ }}
+    backends: [ {{ cluster: orders }} ]
+    rewrite: {{ path_prefix: /internal/, host: orders-backend }}
+    request_headers: {{ set: [ {{ name: x-tenant, value: shop }} ], add: [ {{ name: x-via, value: outrigger }} ], remove: [ x-debug ] }}
+    response_headers: {{ set: [ {{ name: cache-control, value: no-store }} ], remove: [ x-upstream ] }}
+clusters: [ {{ name: orders, endpoints: [ {{ address: {} }} ] }} ]
+"#,
+        ups[0].addr
+    );
+    let p = ProxyProc::start(&yaml);
+    for client in [TestClient::h1(p.addr("out")), TestClient::h2(p.addr("out"))] {
+        // Every name of the service, short and long, reaches the route.
+        for host in ["orders", "orders.shop", "orders.shop.svc.cluster.local"] {
+            let r = send(
+                &client,
+                "GET",
+                host,
+                "/api/items?x=1",
+                &[("x-tenant", "spoofed"), ("x-debug", "1")],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{host}");
+            assert_eq!(r.header("cache-control"), Some("no-store"));
+            assert_eq!(r.header("x-upstream"), None);
+            let seen = ups[0].last();
+            assert_eq!(seen.path, "/internal/items");
+            assert_eq!(seen.headers["x-tenant"], "shop");
+            assert_eq!(seen.headers["x-via"], "outrigger");
+            assert!(seen.headers.get("x-debug").is_none());
+            if seen.version == http::Version::HTTP_11 {
+                assert_eq!(seen.headers["host"], "orders-backend");
+            }
+        }
+        let r = get(&client, "orders.shop", "/v1/items?page=2").await;
+        assert_eq!(r.status, 301);
+        assert_eq!(
+            r.header("location"),
+            Some("https://orders.shop/v2/items?page=2")
+        );
+    }
+    assert_eq!(ups[0].hits(), 6, "a redirect reached the upstream");
+}

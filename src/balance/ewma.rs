@@ -37,6 +37,11 @@ pub struct PeakEwma {
     replace: AtomicBool,
     /// When the last probe was handed out (0: never).
     probe_ns: AtomicU64,
+    /// The estimate of the endpoint a probe was chosen over: the probe's
+    /// sample counts no lower, so an endpoint that comes back rejoins at
+    /// par with its peers rather than winning every pick (a herd) until
+    /// its own peaks catch up.
+    floor_ns: AtomicU64,
 }
 
 impl PeakEwma {
@@ -46,6 +51,7 @@ impl PeakEwma {
             stamp_ns: AtomicU64::new(crate::clock::now_ns()),
             replace: AtomicBool::new(false),
             probe_ns: AtomicU64::new(0),
+            floor_ns: AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -64,7 +70,7 @@ impl PeakEwma {
         let now = crate::clock::now_ns();
         let sample = rtt.as_nanos() as f64;
         let next = if self.replace.swap(false, Relaxed) {
-            sample
+            sample.max(f64::from_bits(self.floor_ns.swap(0f64.to_bits(), Relaxed)))
         } else {
             let prev = self.decayed(now);
             if sample > prev {
@@ -91,8 +97,9 @@ impl PeakEwma {
 
     /// Whether this endpoint has gone unmeasured for a probe interval and
     /// is due a probe at `now`; at most one caller per interval gets `true`.
-    /// Costs one atomic load while the endpoint is being picked.
-    pub fn claim_probe(&self, now: u64) -> bool {
+    /// `peer` is the endpoint it is chosen over. Costs one atomic load
+    /// while the endpoint is being picked.
+    pub fn claim_probe(&self, now: u64, peer: &PeakEwma) -> bool {
         let stamp = self.stamp_ns.load(Relaxed);
         if now < stamp + PROBE_INTERVAL_NS {
             return false;
@@ -104,6 +111,11 @@ impl PeakEwma {
                 .compare_exchange(last, now, Relaxed, Relaxed)
                 .is_ok();
         if claimed {
+            // A peer that is itself unmeasured or failed says nothing.
+            let peer_fresh = now < peer.stamp_ns.load(Relaxed) + PROBE_INTERVAL_NS
+                && !peer.replace.load(Relaxed);
+            let floor = if peer_fresh { peer.decayed(now) } else { 0.0 };
+            self.floor_ns.store(floor.to_bits(), Relaxed);
             self.replace.store(true, Relaxed);
         }
         claimed
@@ -161,24 +173,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_probe_rejoins_at_par_with_its_peer() {
+        let e = PeakEwma::new(Duration::ZERO);
+        e.penalize();
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        let peer = PeakEwma::new(Duration::ZERO);
+        peer.observe(Duration::from_millis(2));
+        assert!(e.claim_probe(now_ns(), &peer));
+        e.observe(Duration::from_micros(100));
+        assert_eq!(e.get_ns(), 2e6, "no lower than the peer it was chosen over");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn unmeasured_endpoints_get_one_probe_per_interval() {
+        let peer = PeakEwma::new(Duration::ZERO);
         let e = PeakEwma::new(Duration::ZERO);
         e.observe(Duration::from_micros(300));
-        assert!(!e.claim_probe(now_ns()), "just measured: no probe");
+        assert!(!e.claim_probe(now_ns(), &peer), "just measured: no probe");
         e.penalize();
-        assert!(!e.claim_probe(now_ns()), "not at once after the failure");
+        assert!(
+            !e.claim_probe(now_ns(), &peer),
+            "not at once after the failure"
+        );
         tokio::time::advance(Duration::from_millis(1001)).await;
         let now = now_ns();
-        assert!(e.claim_probe(now));
-        assert!(!e.claim_probe(now), "one probe per interval, not a herd");
+        assert!(e.claim_probe(now, &peer));
+        assert!(
+            !e.claim_probe(now, &peer),
+            "one probe per interval, not a herd"
+        );
         tokio::time::advance(Duration::from_millis(1001)).await;
-        assert!(e.claim_probe(now_ns()), "still unmeasured: probed again");
+        assert!(
+            e.claim_probe(now_ns(), &peer),
+            "still unmeasured: probed again"
+        );
         // An old peak, out of favour: the probe's sample replaces it.
         e.observe(Duration::from_millis(50));
         tokio::time::advance(Duration::from_millis(1001)).await;
-        assert!(e.claim_probe(now_ns()));
+        assert!(e.claim_probe(now_ns(), &peer));
         e.observe(Duration::from_micros(400));
         assert_eq!(e.get_ns(), 400e3);
-        assert!(!e.claim_probe(now_ns()), "measured: no probe");
+        assert!(!e.claim_probe(now_ns(), &peer), "measured: no probe");
     }
 }

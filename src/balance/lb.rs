@@ -160,10 +160,10 @@ impl Lb {
 /// gone unmeasured for a probe interval: then that one, once per interval.
 fn p2c_ewma(eps: &[Arc<Endpoint>], a: usize, b: usize) -> usize {
     let now = now_ns();
-    if eps[a].ewma.claim_probe(now) {
+    if eps[a].ewma.claim_probe(now, &eps[b].ewma) {
         return a;
     }
-    if eps[b].ewma.claim_probe(now) {
+    if eps[b].ewma.claim_probe(now, &eps[a].ewma) {
         return b;
     }
     if eps[a].load_cost(now) <= eps[b].load_cost(now) {

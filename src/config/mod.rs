@@ -286,7 +286,17 @@ pub struct Route {
     pub listeners: Option<Vec<String>>,
     #[serde(default, rename = "match")]
     pub matches: RouteMatch,
+    /// Where requests go; may be empty only with a `redirect`.
+    #[serde(default)]
     pub backends: Vec<Backend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderEdits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderEdits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
     /// The whole request, retries included → 504.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
@@ -316,9 +326,10 @@ pub fn default_upgrades() -> Vec<String> {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
-    /// `orders.default.svc`, `*.example.com` or `*`; the port is ignored.
+    /// `orders.default.svc`, `*.example.com` or `*`, or a list of them
+    /// (short and long names of one service); the port is ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
+    pub host: Option<Hosts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,6 +340,88 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
+}
+
+/// One host pattern or several.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Hosts {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Hosts {
+    pub fn list(&self) -> Vec<&str> {
+        match self {
+            Hosts::One(h) => vec![h.as_str()],
+            Hosts::Many(hs) => hs.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl From<&str> for Hosts {
+    fn from(h: &str) -> Self {
+        Hosts::One(h.to_string())
+    }
+}
+
+/// Headers to add (appended), set (replacing) and remove.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEdits {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HeaderValueConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HeaderValueConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValueConfig {
+    pub name: String,
+    pub value: String,
+}
+
+/// Rewrites before the request goes upstream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Replaces the part of the path the route's `path_prefix` matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Replaces the whole path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Replaces the authority (`Host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// Answers with a redirect instead of forwarding; what is not set is kept
+/// from the request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Replaces the matched `path_prefix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// 301, 302, 303, 307 or 308 (default 302).
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+}
+
+fn default_redirect_status() -> u16 {
+    302
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -653,10 +746,106 @@ impl Config {
                     format!("invalid regex: {e}"),
                 );
             }
-            if let Some(h) = &m.host
-                && let Err(e) = check_host_pattern(h)
-            {
-                err(format!("{p}.match.host"), e);
+            if let Some(hosts) = &m.host {
+                let many = matches!(hosts, Hosts::Many(_));
+                for (j, h) in hosts.list().iter().enumerate() {
+                    if let Err(e) = check_host_pattern(h) {
+                        let at = if many {
+                            format!("{p}.match.host[{j}]")
+                        } else {
+                            format!("{p}.match.host")
+                        };
+                        err(at, e);
+                    }
+                }
+            }
+            for (field, edits) in [
+                ("request_headers", &r.request_headers),
+                ("response_headers", &r.response_headers),
+            ] {
+                let Some(e) = edits else { continue };
+                for (j, hv) in e.add.iter().chain(&e.set).enumerate() {
+                    if http::HeaderName::from_bytes(hv.name.as_bytes()).is_err()
+                        || http::HeaderValue::from_str(&hv.value).is_err()
+                    {
+                        err(
+                            format!("{p}.{field}"),
+                            format!(
+                                "entry {j}: `{}: {}` is not a valid header",
+                                hv.name, hv.value
+                            ),
+                        );
+                    }
+                }
+                for (j, name) in e.remove.iter().enumerate() {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        err(
+                            format!("{p}.{field}.remove[{j}]"),
+                            format!("`{name}` is not a header name"),
+                        );
+                    }
+                }
+            }
+            if let Some(rw) = &r.rewrite {
+                if rw.path_prefix.is_some() && m.path_prefix.is_none() {
+                    err(
+                        format!("{p}.rewrite.path_prefix"),
+                        "needs the route to match a path_prefix".into(),
+                    );
+                }
+                if rw.path_prefix.is_some() && rw.path.is_some() {
+                    err(
+                        format!("{p}.rewrite"),
+                        "set path or path_prefix, not both".into(),
+                    );
+                }
+                for (f, v) in [("path", &rw.path), ("path_prefix", &rw.path_prefix)] {
+                    if let Some(v) = v
+                        && !v.starts_with('/')
+                    {
+                        err(
+                            format!("{p}.rewrite.{f}"),
+                            format!("`{v}` must start with `/`"),
+                        );
+                    }
+                }
+                if let Some(h) = &rw.host
+                    && http::uri::Authority::try_from(h.as_str()).is_err()
+                {
+                    err(format!("{p}.rewrite.host"), format!("`{h}` is not a host"));
+                }
+            }
+            if let Some(rd) = &r.redirect {
+                if ![301, 302, 303, 307, 308].contains(&rd.status) {
+                    err(
+                        format!("{p}.redirect.status"),
+                        format!(
+                            "{} is not a redirect status (301, 302, 303, 307, 308)",
+                            rd.status
+                        ),
+                    );
+                }
+                if rd.path_prefix.is_some() && m.path_prefix.is_none() {
+                    err(
+                        format!("{p}.redirect.path_prefix"),
+                        "needs the route to match a path_prefix".into(),
+                    );
+                }
+                if let Some(sc) = &rd.scheme
+                    && sc != "http"
+                    && sc != "https"
+                {
+                    err(
+                        format!("{p}.redirect.scheme"),
+                        "must be http or https".into(),
+                    );
+                }
+                if r.rewrite.is_some() {
+                    err(
+                        format!("{p}.redirect"),
+                        "a route redirects or rewrites, not both".into(),
+                    );
+                }
             }
             for (j, h) in m.headers.iter().enumerate() {
                 let hp = format!("{p}.match.headers[{j}]");
@@ -690,8 +879,11 @@ impl Config {
                     );
                 }
             }
-            if r.backends.is_empty() {
-                err(format!("{p}.backends"), "needs at least one backend".into());
+            if r.backends.is_empty() && r.redirect.is_none() {
+                err(
+                    format!("{p}.backends"),
+                    "needs at least one backend (or a redirect)".into(),
+                );
             }
             if r.timeout.is_some_and(|t| t.0.is_zero()) {
                 err(format!("{p}.timeout"), "must be greater than zero".into());

@@ -56,7 +56,7 @@ pub fn to_response(err: &ProxyError, grpc: bool, detail: bool) -> Response<RespB
                 HeaderValue::from(*retry_after_secs),
             );
         }
-        ProxyError::RedirectHttps { location } => {
+        ProxyError::Redirect { location, .. } => {
             if let Ok(v) = HeaderValue::from_str(location) {
                 h.insert(http::header::LOCATION, v);
             }

@@ -17,6 +17,7 @@ use crate::body::{ClientBody, ReqBody};
 use crate::config::Role;
 use crate::context::RouteMeta;
 use crate::http_util;
+use crate::route::filters::Filters;
 use crate::snapshot::{RouteStack, Target};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, header};
@@ -68,6 +69,8 @@ struct After {
     upgrade: Option<(OnUpgrade, http::HeaderValue)>,
     downstream: Proto,
     conn: Arc<ConnInfo>,
+    /// The route's filters, for its response header edits.
+    filters: Option<Arc<Filters>>,
 }
 
 struct Sent {
@@ -261,7 +264,8 @@ fn prepare(
         }
     }
     if let Some(port) = l.redirect_https {
-        return Err(ProxyError::RedirectHttps {
+        return Err(ProxyError::Redirect {
+            status: 308,
             location: https_location(&req, port),
         }
         .into());
@@ -279,7 +283,17 @@ fn prepare(
     let host = http_util::authority(&req).unwrap_or("");
     // A CONNECT target has no path; it matches routes as `/`.
     let path = if connect { "/" } else { req.uri().path() };
-    let target = match routes.table.lookup(host, req.method(), path, req.headers()) {
+    let route_id = routes.table.lookup(host, req.method(), path, req.headers());
+    let filters = route_id.and_then(|id| routes.filters[id as usize].clone());
+    if let Some(to) = filters.as_ref().and_then(|f| f.redirect.as_ref()) {
+        let scheme = if conn.tls { "https" } else { "http" };
+        return Err(ProxyError::Redirect {
+            status: to.status,
+            location: to.location(scheme, host, req.uri().path(), req.uri().query()),
+        }
+        .into());
+    }
+    let target = match route_id {
         Some(id) => {
             let b = routes.table.route(id).pick_backend();
             routes.targets[id as usize].get(b)
@@ -343,6 +357,14 @@ fn prepare(
     };
     let stack = target.stack.clone();
     drop(snap);
+    if let Some(f) = &filters {
+        if let Some(p) = f.rewritten_path(req.uri().path()) {
+            http_util::set_path(&mut req, &p).map_err(|_| ProxyError::BadPath)?;
+        }
+        if let Some(a) = &f.rewrite_host {
+            http_util::set_authority(&mut req, a);
+        }
+    }
     let hdrs = req.headers_mut();
     headers::strip_hop_by_hop(hdrs, upgrade);
     if let Some(t) = &upgrade_token {
@@ -375,6 +397,9 @@ fn prepare(
         }
         Role::Outbound => headers::ensure_request_id(hdrs),
     }
+    if let Some(e) = filters.as_ref().and_then(|f| f.request.as_ref()) {
+        e.apply(req.headers_mut());
+    }
     match proto {
         Proto::Http1 => http_util::to_http1(&mut req),
         Proto::Http2 => http_util::to_http2(&mut req, authority),
@@ -389,6 +414,7 @@ fn prepare(
             upgrade,
             downstream,
             conn: conn.clone(),
+            filters,
         },
     }))
 }
@@ -451,6 +477,7 @@ fn finish(mut resp: Response<RespBody>, after: After) -> Result<Response<RespBod
         upgrade,
         downstream,
         conn,
+        filters,
     } = after;
     meta.upstream = resp.extensions().get::<Served>().map(|s| s.0);
 
@@ -493,6 +520,9 @@ fn finish(mut resp: Response<RespBody>, after: After) -> Result<Response<RespBod
         body.set_idle_timeout(conn.listener.stream_idle_timeout);
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
+    if let Some(e) = filters.as_ref().and_then(|f| f.response.as_ref()) {
+        e.apply(resp.headers_mut());
+    }
     if conn.tls
         && let Some(hsts) = conn.listener.tls.as_ref().and_then(|t| t.hsts.clone())
     {

@@ -9,6 +9,7 @@
 //! the number of routes. The table knows nothing of clusters: it answers a
 //! route index, and the snapshot keeps what belongs to each route.
 
+pub mod filters;
 mod trie;
 
 use crate::config::{self, HeaderMatch};
@@ -145,30 +146,36 @@ impl RouteTable {
             let id = i as RouteId;
             let m = &r.matches;
             let err = |message: String| CompileError { index: i, message };
-            let group = match m.host.as_deref() {
-                None | Some("*") => &mut t.any_host,
-                Some(h) => match h.strip_prefix('*') {
-                    Some(suffix) => t
-                        .wildcard_hosts
-                        .entry(suffix.to_ascii_lowercase().into())
-                        .or_default(),
-                    None => t
-                        .exact_hosts
-                        .entry(h.to_ascii_lowercase().into())
-                        .or_default(),
-                },
+            let path_regex = match &m.path_regex {
+                Some(re) => {
+                    Some(Regex::new(&format!("^(?:{re})$")).map_err(|e| err(e.to_string()))?)
+                }
+                None => None,
             };
-            let mut path_regex = None;
-            if let Some(p) = &m.path {
-                group.exact.entry(p.as_str().into()).or_default().push(id);
-            } else if let Some(re) = &m.path_regex {
-                path_regex =
-                    Some(Regex::new(&format!("^(?:{re})$")).map_err(|e| err(e.to_string()))?);
-                group.regexes.push(id);
-            } else {
-                group
-                    .prefixes
-                    .insert(m.path_prefix.as_deref().unwrap_or("").as_bytes(), id);
+            let hosts = m.host.as_ref().map_or_else(|| vec!["*"], |h| h.list());
+            for host in hosts {
+                let group = match host {
+                    "*" => &mut t.any_host,
+                    h => match h.strip_prefix('*') {
+                        Some(suffix) => t
+                            .wildcard_hosts
+                            .entry(suffix.to_ascii_lowercase().into())
+                            .or_default(),
+                        None => t
+                            .exact_hosts
+                            .entry(h.to_ascii_lowercase().into())
+                            .or_default(),
+                    },
+                };
+                if let Some(p) = &m.path {
+                    group.exact.entry(p.as_str().into()).or_default().push(id);
+                } else if path_regex.is_some() {
+                    group.regexes.push(id);
+                } else {
+                    group
+                        .prefixes
+                        .insert(m.path_prefix.as_deref().unwrap_or("").as_bytes(), id);
+                }
             }
             let headers = m
                 .headers
