@@ -7,6 +7,7 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod control_plane;
 pub mod demo;
 pub mod error;
 pub mod feed;

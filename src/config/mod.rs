@@ -165,6 +165,33 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// A listener with every setting at its default.
+    pub fn new(name: &str, role: Role, address: SocketAddr) -> Listener {
+        Listener {
+            name: name.to_string(),
+            role,
+            address,
+            forward_to: None,
+            access_log: false,
+            max_header_bytes: default_max_header_bytes(),
+            idle_timeout: default_downstream_idle(),
+            header_read_timeout: default_header_read_timeout(),
+            stream_idle_timeout: default_stream_idle_timeout(),
+            rate_limit: None,
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_headers: default_max_headers(),
+            max_tunnels: default_max_tunnels(),
+            tunnel_idle_timeout: None,
+            trusted_hops: 0,
+            trusted_proxies: Vec::new(),
+            trust_request_id: false,
+            error_detail: false,
+            tls: None,
+            redirect_https: None,
+        }
+    }
+
     pub fn tls(&self) -> ListenerTls {
         self.tls
             .as_ref()

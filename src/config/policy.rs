@@ -55,6 +55,21 @@ pub struct Retry {
     pub max_body_bytes: usize,
 }
 
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: default_attempts(),
+            on: default_retry_on(),
+            retriable_status_codes: Vec::new(),
+            per_try_timeout: None,
+            backoff: Backoff::default(),
+            budget: Budget::default(),
+            non_idempotent: false,
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+
 fn default_attempts() -> u32 {
     3
 }

@@ -14,12 +14,16 @@ pub struct Identity {
     pub source: CertSource,
 }
 
-/// Where the certificate comes from. One source today: `files`.
+/// Where the certificate comes from: `files` (watched), or the control
+/// plane's CA (a CSR with a key made here, renewed at two thirds of its
+/// lifetime).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<CertFiles>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control_plane: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -169,10 +173,11 @@ pub(super) fn validate_security(c: &super::Config, errs: &mut Vec<FieldError>) {
                 ),
             );
         }
-        if id.source.files.is_none() {
+        if id.source.files.is_some() == id.source.control_plane {
             err(
                 "identity.source".into(),
-                "name a certificate source: files: { cert, key, roots }".into(),
+                "name one certificate source: files: { cert, key, roots } or control_plane: true"
+                    .into(),
             );
         }
     }
