@@ -47,6 +47,55 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// The control plane: the mesh model from a directory of YAML or the
+    /// Kubernetes API, streamed to every proxy; the mesh CA.
+    ControlPlane {
+        /// A directory of mesh documents (Services, EndpointSlices,
+        /// HTTPRoutes, GRPCRoutes, TrafficPolicies, AuthorizationPolicies).
+        #[arg(long, env = "OUTRIGGER_MESH_DIR")]
+        mesh_dir: Option<PathBuf>,
+        /// Watch the Kubernetes API instead (in-cluster or kubeconfig).
+        #[arg(long, env = "OUTRIGGER_KUBERNETES")]
+        kubernetes: bool,
+        #[arg(long, env = "OUTRIGGER_LISTEN", default_value = "0.0.0.0:15010")]
+        listen: std::net::SocketAddr,
+        /// The mesh CA (`outrigger ca init DIR`), shared by replicas.
+        #[arg(long, env = "OUTRIGGER_CA_DIR")]
+        ca_dir: PathBuf,
+        /// Bootstrap tokens: a YAML list of { token, identity }.
+        #[arg(long, env = "OUTRIGGER_TOKENS")]
+        tokens: Option<PathBuf>,
+        #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(
+            long,
+            env = "OUTRIGGER_CLUSTER_DOMAIN",
+            default_value = "cluster.local"
+        )]
+        cluster_domain: String,
+        /// The control plane's own namespace (its identity).
+        #[arg(long, env = "OUTRIGGER_NAMESPACE", default_value = "outrigger")]
+        namespace: String,
+        /// DNS names for the control plane's certificate.
+        #[arg(long, env = "OUTRIGGER_DNS")]
+        dns: Vec<String>,
+        /// Lifetime of the certificates the CA issues.
+        #[arg(long, env = "OUTRIGGER_CERT_TTL", default_value = "24h", value_parser = dur)]
+        cert_ttl: Duration,
+        /// How long a gone proxy stays an endpoint (a reconnect, a blip).
+        #[arg(long, env = "OUTRIGGER_GRACE", default_value = "5s", value_parser = dur)]
+        grace: Duration,
+        /// Render plaintext meshes (no mTLS between sidecars).
+        #[arg(long, env = "OUTRIGGER_NO_MTLS")]
+        no_mtls: bool,
+        #[arg(long, env = "OUTRIGGER_WATCH_INTERVAL", default_value = "1s", value_parser = dur)]
+        watch_interval: Duration,
+        /// Print the CustomResourceDefinitions of the own kinds and exit.
+        #[arg(long)]
+        print_crds: bool,
+        #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info")]
+        log_level: String,
+    },
     /// A developer CA for local mTLS: `ca init DIR`, `ca issue --spiffe ID`.
     Ca {
         #[command(subcommand)]
@@ -139,6 +188,52 @@ fn main() -> ExitCode {
             block_on(&opts, run::serve(parsed, Some((config, bytes)), &opts))
         }
         Cmd::Ca { cmd } => ca(cmd),
+        Cmd::ControlPlane {
+            mesh_dir,
+            kubernetes,
+            listen,
+            ca_dir,
+            tokens,
+            trust_domain,
+            cluster_domain,
+            namespace,
+            dns,
+            cert_ttl,
+            grace,
+            no_mtls,
+            watch_interval,
+            print_crds,
+            log_level,
+        } => {
+            if print_crds {
+                print!("{}", outrigger::control_plane::kinds::crds_yaml());
+                return ExitCode::SUCCESS;
+            }
+            outrigger::telemetry::init_logs(&log_level);
+            let opts = Options {
+                threads: run::default_threads(),
+                drain_timeout: Duration::from_secs(1),
+                watch_interval,
+            };
+            block_on(
+                &opts,
+                outrigger::control_plane::run(outrigger::control_plane::Options {
+                    listen,
+                    mesh_dir,
+                    kubernetes,
+                    ca_dir,
+                    tokens,
+                    trust_domain,
+                    cluster_domain,
+                    namespace,
+                    dns,
+                    cert_ttl,
+                    grace,
+                    mtls: !no_mtls,
+                    watch_interval,
+                }),
+            )
+        }
         Cmd::Demo { common } => {
             outrigger::telemetry::init_logs(&common.log_level);
             let opts = Options {

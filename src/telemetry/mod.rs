@@ -40,6 +40,14 @@ pub struct Metrics {
     pub cert_rotations: IntCounterVec,
     pub authz_denied: IntCounterVec,
     pub peer_requests: IntCounterVec,
+    pub feed_connected: IntGauge,
+    pub cp_connected: IntGauge,
+    pub cp_pushes: IntCounterVec,
+    pub cp_acks: IntCounterVec,
+    pub cp_push_latency: prometheus::Histogram,
+    pub cp_certificates: IntCounterVec,
+    pub cp_model_updates: IntCounterVec,
+    pub cp_model_version: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -170,6 +178,51 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Requests on inbound listeners by verified peer identity.",
         &["listener", "peer"],
     )?;
+    let cp_pushes = counter(
+        "outrigger_cp_pushes_total",
+        "Messages the control plane pushed to proxies, by kind (snapshot, endpoints).",
+        &["kind"],
+    )?;
+    let cp_acks = counter(
+        "outrigger_cp_acks_total",
+        "Proxies' answers to pushes, by result (ack, nack).",
+        &["result"],
+    )?;
+    let cp_certificates = counter(
+        "outrigger_cp_certificates_total",
+        "Certificate requests, by result (issued, refused).",
+        &["result"],
+    )?;
+    let cp_model_updates = counter(
+        "outrigger_cp_model_updates_total",
+        "Mesh model updates, by result (applied, invalid).",
+        &["result"],
+    )?;
+    let cp_push_latency = prometheus::Histogram::with_opts(
+        HistogramOpts::new(
+            "outrigger_cp_push_latency_seconds",
+            "From a model change to a proxy's ack of the config it made.",
+        )
+        .buckets(vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+    )?;
+    registry.register(Box::new(cp_push_latency.clone()))?;
+    let feed_connected = IntGauge::new(
+        "outrigger_feed_connected",
+        "1 while the proxy's feed from the control plane is connected.",
+    )?;
+    registry.register(Box::new(feed_connected.clone()))?;
+    let cp_connected = IntGauge::new(
+        "outrigger_cp_connected_proxies",
+        "Proxies connected to this control plane's feed.",
+    )?;
+    registry.register(Box::new(cp_connected.clone()))?;
+    let cp_model_version = IntGauge::new(
+        "outrigger_cp_model_version",
+        "Version of the control plane's model (mesh and registrations).",
+    )?;
+    registry.register(Box::new(cp_model_version.clone()))?;
     let tls_handshake_duration = HistogramVec::new(
         HistogramOpts::new(
             "outrigger_tls_handshake_duration_seconds",
@@ -245,6 +298,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cert_rotations,
         authz_denied,
         peer_requests,
+        feed_connected,
+        cp_connected,
+        cp_pushes,
+        cp_acks,
+        cp_push_latency,
+        cp_certificates,
+        cp_model_updates,
+        cp_model_version,
     })
 }
 

@@ -1,0 +1,729 @@
+//! The control plane's server: HTTP/2 over TLS (port 15010).
+//!
+//! - `GET /v1/feed?node=ID&service=S&namespace=NS&address=IP&inbound=P&outbound=P&app=P`:
+//!   a long-lived stream of newline-delimited JSON messages, readable with
+//!   curl: `{"type":"snapshot","version":N,"config":{…}}`, and when only
+//!   endpoints changed `{"type":"endpoints","version":N,"clusters":{name:[…]}}`.
+//!   One message waits at most: a proxy that does not read gets the newest
+//!   config when it does, never a backlog.
+//! - `POST /v1/ack`: `{"node","version","ack":bool,"error"}` for each message.
+//! - `POST /v1/drain?node=ID`: the proxy is stopping; callers stop getting it.
+//! - `GET /v1/nodes`: every proxy, its version, last ack/nack, connected-since.
+//! - `POST /v1/certificate`: the mesh CA signs a CSR (PEM body) for the
+//!   identity the caller proved: `{"certificate","roots"}`.
+//! - `GET /metrics`, `GET /healthz`.
+//!
+//! Who asks: a client certificate of the trust domain (mTLS), or a bearer
+//! token — from the tokens file, or a Kubernetes ServiceAccount token
+//! checked with the TokenReview API. A caller gets a feed and certificates
+//! for its own identity only. Replicas share nothing but the CA key; a
+//! proxy whose control plane dies reconnects to another.
+
+use super::model::Mesh;
+use super::render::{self, Node, Registration, Settings};
+use crate::telemetry::metrics;
+use crate::tls::ca::Ca;
+use crate::tls::spiffe::SpiffeId;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+/// The model the proxies' configs are made from, with its version.
+pub struct State {
+    pub mesh: Arc<Mesh>,
+    pub version: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Ack {
+    version: u64,
+    at: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Nack {
+    version: u64,
+    error: String,
+    at: u64,
+}
+
+struct NodeEntry {
+    node: Node,
+    connected: bool,
+    connected_since: u64,
+    /// Has applied a config: may receive traffic.
+    ready: bool,
+    draining: bool,
+    sent: u64,
+    last_ack: Option<Ack>,
+    last_nack: Option<Nack>,
+    /// Which stream is the live one (a reconnect replaces the entry).
+    stream: u64,
+}
+
+/// How callers prove who they are besides a client certificate.
+#[derive(Default)]
+pub struct Tokens {
+    pub static_tokens: HashMap<String, SpiffeId>,
+    /// Kubernetes: TokenReview with this client.
+    pub review: Option<kube::Client>,
+}
+
+pub struct ControlPlane {
+    pub settings: Settings,
+    state: watch::Sender<Arc<State>>,
+    nodes: Mutex<BTreeMap<String, NodeEntry>>,
+    ca: Ca,
+    tokens: Tokens,
+    cert_ttl: Duration,
+    grace: Duration,
+    /// When each recent version was made, for the push latency.
+    made_at: Mutex<VecDeque<(u64, Instant)>>,
+    streams: std::sync::atomic::AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+impl ControlPlane {
+    pub fn new(
+        settings: Settings,
+        ca: Ca,
+        tokens: Tokens,
+        cert_ttl: Duration,
+        grace: Duration,
+    ) -> Arc<ControlPlane> {
+        let (state, _) = watch::channel(Arc::new(State {
+            mesh: Arc::new(Mesh::default()),
+            version: 0,
+        }));
+        Arc::new(ControlPlane {
+            settings,
+            state,
+            nodes: Mutex::new(BTreeMap::new()),
+            ca,
+            tokens,
+            cert_ttl,
+            grace,
+            made_at: Mutex::new(VecDeque::new()),
+            streams: Default::default(),
+        })
+    }
+
+    /// A validated model replaces the current one; an invalid one is
+    /// refused (logged with every error, counted) and nothing changes.
+    pub fn set_mesh(&self, mesh: Mesh, origin: &str) -> bool {
+        let m = metrics();
+        if let Err(errors) = mesh.validate() {
+            m.cp_model_updates.with_label_values(&["invalid"]).inc();
+            let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+            tracing::warn!(origin, errors = ?list, "mesh model refused; the last good one keeps serving");
+            return false;
+        }
+        m.cp_model_updates.with_label_values(&["applied"]).inc();
+        self.bump(Some(Arc::new(mesh)));
+        tracing::info!(
+            origin,
+            version = self.state.borrow().version,
+            "mesh model applied"
+        );
+        true
+    }
+
+    /// A new version: a new model, or new registrations with the same one.
+    fn bump(&self, mesh: Option<Arc<Mesh>>) {
+        self.state.send_modify(|s| {
+            let version = s.version + 1;
+            *s = Arc::new(State {
+                mesh: mesh.unwrap_or_else(|| s.mesh.clone()),
+                version,
+            });
+            let mut made = self.made_at.lock();
+            made.push_back((version, Instant::now()));
+            while made.len() > 64 {
+                made.pop_front();
+            }
+            metrics().cp_model_version.set(version as i64);
+        });
+    }
+
+    pub fn version(&self) -> u64 {
+        self.state.borrow().version
+    }
+
+    /// The proxies that are endpoints of their services right now.
+    fn registrations(&self) -> Vec<Registration> {
+        self.nodes
+            .lock()
+            .values()
+            .filter(|e| e.ready && !e.draining && e.node.inbound_port > 0)
+            .map(|e| Registration {
+                namespace: e.node.namespace.clone(),
+                service: e.node.service.clone(),
+                endpoint: SocketAddr::new(e.node.address, e.node.inbound_port),
+                identity: e.node.identity.clone(),
+            })
+            .collect()
+    }
+
+    fn nodes_json(&self) -> serde_json::Value {
+        let nodes = self.nodes.lock();
+        serde_json::Value::Array(
+            nodes
+                .iter()
+                .map(|(id, e)| {
+                    serde_json::json!({
+                        "node": id,
+                        "namespace": e.node.namespace,
+                        "service": e.node.service,
+                        "identity": e.node.identity.as_str(),
+                        "address": e.node.address.to_string(),
+                        "connected": e.connected,
+                        "connected_since": e.connected_since,
+                        "ready": e.ready,
+                        "draining": e.draining,
+                        "version": e.sent,
+                        "last_ack": e.last_ack,
+                        "last_nack": e.last_nack,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Who the caller is: its client certificate, else its bearer token.
+    async fn identify(&self, peer: Option<&SpiffeId>, req: &Request<Incoming>) -> Option<SpiffeId> {
+        if let Some(id) = peer
+            && id.trust_domain() == self.settings.trust_domain
+        {
+            return Some(id.clone());
+        }
+        let token = req
+            .headers()
+            .get(http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?
+            .trim()
+            .to_string();
+        if let Some(id) = self.tokens.static_tokens.get(&token) {
+            return Some(id.clone());
+        }
+        let client = self.tokens.review.as_ref()?;
+        token_review(client, &token, &self.settings.trust_domain).await
+    }
+}
+
+/// Checks a ServiceAccount token with the Kubernetes TokenReview API:
+/// `system:serviceaccount:<ns>:<sa>` → `spiffe://<td>/ns/<ns>/sa/<sa>`.
+pub async fn token_review(client: &kube::Client, token: &str, td: &str) -> Option<SpiffeId> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let api: kube::Api<TokenReview> = kube::Api::all(client.clone());
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            audiences: None,
+        },
+        ..Default::default()
+    };
+    let done = api.create(&Default::default(), &review).await.ok()?;
+    let status = done.status?;
+    if status.authenticated != Some(true) {
+        return None;
+    }
+    let user = status.user?.username?;
+    let rest = user.strip_prefix("system:serviceaccount:")?;
+    let (ns, sa) = rest.split_once(':')?;
+    SpiffeId::workload(td, ns, sa).ok()
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string() + "\n")).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": msg }))
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A streamed response body fed by a channel of one message.
+struct Stream {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for Stream {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[derive(Deserialize)]
+struct AckBody {
+    node: String,
+    version: u64,
+    ack: bool,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl ControlPlane {
+    async fn handle(
+        self: Arc<Self>,
+        peer: Option<SpiffeId>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => json(
+                StatusCode::OK,
+                &serde_json::json!({ "ok": true, "version": self.version() }),
+            ),
+            (&Method::GET, "/metrics") => {
+                let mut r =
+                    Response::new(Full::new(Bytes::from(crate::telemetry::render())).boxed());
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            _ => {
+                let Some(id) = self.identify(peer.as_ref(), &req).await else {
+                    return error(
+                        StatusCode::UNAUTHORIZED,
+                        "present a client certificate or a bearer token",
+                    );
+                };
+                match (req.method().clone(), req.uri().path()) {
+                    (Method::GET, "/v1/nodes") => json(StatusCode::OK, &self.nodes_json()),
+                    (Method::GET, "/v1/feed") => self.feed(id, req),
+                    (Method::POST, "/v1/ack") => self.ack(id, req).await,
+                    (Method::POST, "/v1/drain") => self.drain(id, req),
+                    (Method::POST, "/v1/certificate") => self.certificate(id, req).await,
+                    _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+                }
+            }
+        }
+    }
+
+    fn feed(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
+        let q = query(&req);
+        let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+        let port = |k: &str| get(k).parse::<u16>().unwrap_or(0);
+        let Some(node_id) = q.get("node").filter(|n| !n.is_empty()).cloned() else {
+            return error(StatusCode::BAD_REQUEST, "the feed needs ?node=ID");
+        };
+        let namespace = get("namespace");
+        // A caller gets the feed of its own identity only.
+        if id.as_str()
+            != format!(
+                "spiffe://{}/ns/{namespace}/sa/{}",
+                self.settings.trust_domain,
+                sa_of(&id)
+            )
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                "a feed is for the caller's own namespace",
+            );
+        }
+        let address: IpAddr = get("address")
+            .parse()
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let node = Node {
+            id: node_id.clone(),
+            service: if get("service").is_empty() {
+                sa_of(&id).to_string()
+            } else {
+                get("service")
+            },
+            namespace,
+            identity: id,
+            address,
+            inbound_port: port("inbound"),
+            outbound_port: port("outbound"),
+            app_port: port("app"),
+        };
+        let stream = self
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        {
+            let mut nodes = self.nodes.lock();
+            let (last_ack, last_nack) = nodes
+                .get(&node_id)
+                .map(|e| (e.last_ack.clone(), e.last_nack.clone()))
+                .unwrap_or_default();
+            nodes.insert(
+                node_id.clone(),
+                NodeEntry {
+                    node: node.clone(),
+                    connected: true,
+                    connected_since: unix_now(),
+                    ready: false,
+                    draining: false,
+                    sent: 0,
+                    last_ack,
+                    last_nack,
+                    stream,
+                },
+            );
+        }
+        metrics().cp_connected.inc();
+        tracing::info!(node = %node_id, identity = %node.identity, "proxy subscribed");
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(self.stream_node(node, stream, tx));
+        let mut r = Response::new(Stream { rx }.boxed());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-ndjson"),
+        );
+        r
+    }
+
+    /// Renders and sends the node's config whenever the model or the
+    /// registrations change, until the proxy goes away.
+    async fn stream_node(self: Arc<Self>, node: Node, stream: u64, tx: mpsc::Sender<Bytes>) {
+        let mut rx = self.state.subscribe();
+        let mut last: Option<crate::config::Config> = None;
+        loop {
+            let state = rx.borrow_and_update().clone();
+            let regs = self.registrations();
+            let config = render::render(&state.mesh, &regs, &node, &self.settings);
+            let msg = match &last {
+                Some(prev) if *prev == config => None,
+                Some(prev) if same_but_endpoints(prev, &config) => {
+                    let clusters: BTreeMap<&str, &Vec<crate::config::Endpoint>> = config
+                        .clusters
+                        .iter()
+                        .zip(&prev.clusters)
+                        .filter(|(a, b)| a.endpoints != b.endpoints)
+                        .map(|(a, _)| (a.name.as_str(), &a.endpoints))
+                        .collect();
+                    metrics().cp_pushes.with_label_values(&["endpoints"]).inc();
+                    Some(
+                        serde_json::json!({ "type": "endpoints", "version": state.version, "clusters": clusters }),
+                    )
+                }
+                _ => {
+                    metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
+                    Some(
+                        serde_json::json!({ "type": "snapshot", "version": state.version, "config": config }),
+                    )
+                }
+            };
+            if let Some(m) = msg {
+                let bytes = Bytes::from(m.to_string() + "\n");
+                // At most one message waits for a slow reader; newer
+                // versions coalesce into the next render.
+                let sent = tokio::select! {
+                    r = tx.send(bytes) => r.is_ok(),
+                    _ = tx.closed() => false,
+                };
+                if !sent {
+                    break;
+                }
+                if let Some(e) = self
+                    .nodes
+                    .lock()
+                    .get_mut(&node.id)
+                    .filter(|e| e.stream == stream)
+                {
+                    e.sent = state.version;
+                }
+                last = Some(config);
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = tx.closed() => break,
+            }
+        }
+        self.disconnected(&node.id, stream).await;
+    }
+
+    async fn disconnected(self: &Arc<Self>, node_id: &str, stream: u64) {
+        metrics().cp_connected.dec();
+        let was_endpoint = {
+            let mut nodes = self.nodes.lock();
+            match nodes.get_mut(node_id).filter(|e| e.stream == stream) {
+                Some(e) => {
+                    e.connected = false;
+                    e.ready && !e.draining
+                }
+                None => return,
+            }
+        };
+        tracing::info!(node = %node_id, "proxy disconnected");
+        // Callers keep the endpoint for a grace period (a reconnect to
+        // another replica, a blip), then it goes.
+        let me = self.clone();
+        let id = node_id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(me.grace).await;
+            let removed = {
+                let mut nodes = me.nodes.lock();
+                let gone = nodes
+                    .get(&id)
+                    .is_some_and(|e| e.stream == stream && !e.connected);
+                if gone {
+                    nodes.remove(&id);
+                }
+                gone
+            };
+            if removed && was_endpoint {
+                me.bump(None);
+            }
+        });
+    }
+
+    async fn ack(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
+        let Ok(body) = req.into_body().collect().await else {
+            return error(StatusCode::BAD_REQUEST, "unreadable body");
+        };
+        let a: AckBody = match serde_json::from_slice(&body.to_bytes()) {
+            Ok(a) => a,
+            Err(e) => {
+                metrics().cp_acks.with_label_values(&["garbled"]).inc();
+                return error(StatusCode::BAD_REQUEST, &format!("not an ack: {e}"));
+            }
+        };
+        let newly_ready = {
+            let mut nodes = self.nodes.lock();
+            let Some(e) = nodes.get_mut(&a.node) else {
+                return error(StatusCode::NOT_FOUND, "no such node");
+            };
+            if e.node.identity != id {
+                return error(StatusCode::FORBIDDEN, "an ack for another proxy");
+            }
+            if a.ack {
+                e.last_ack = Some(Ack {
+                    version: a.version,
+                    at: unix_now(),
+                });
+                let was = e.ready;
+                e.ready = true;
+                !was && e.node.inbound_port > 0
+            } else {
+                e.last_nack = Some(Nack {
+                    version: a.version,
+                    error: a.error.clone().unwrap_or_default(),
+                    at: unix_now(),
+                });
+                false
+            }
+        };
+        let m = metrics();
+        if a.ack {
+            m.cp_acks.with_label_values(&["ack"]).inc();
+            if let Some((_, at)) = self.made_at.lock().iter().find(|(v, _)| *v == a.version) {
+                m.cp_push_latency.observe(at.elapsed().as_secs_f64());
+            }
+        } else {
+            m.cp_acks.with_label_values(&["nack"]).inc();
+            tracing::warn!(node = %a.node, version = a.version, error = a.error.as_deref().unwrap_or(""), "proxy refused its config");
+        }
+        if newly_ready {
+            // A new endpoint for its service's callers.
+            self.bump(None);
+        }
+        json(StatusCode::OK, &serde_json::json!({ "ok": true }))
+    }
+
+    fn drain(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
+        let q = query(&req);
+        let node = q.get("node").cloned().unwrap_or_default();
+        let changed = {
+            let mut nodes = self.nodes.lock();
+            match nodes.get_mut(&node) {
+                Some(e) if e.node.identity == id => {
+                    let was = e.ready && !e.draining;
+                    e.draining = true;
+                    was
+                }
+                Some(_) => return error(StatusCode::FORBIDDEN, "another proxy"),
+                None => return error(StatusCode::NOT_FOUND, "no such node"),
+            }
+        };
+        if changed {
+            tracing::info!(node, "proxy draining; removed from its service's endpoints");
+            self.bump(None);
+        }
+        json(StatusCode::OK, &serde_json::json!({ "ok": true }))
+    }
+
+    async fn certificate(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
+        let m = metrics();
+        let Ok(body) = req.into_body().collect().await else {
+            return error(StatusCode::BAD_REQUEST, "unreadable body");
+        };
+        let csr = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+        match self.ca.sign_csr(&csr, &id, self.cert_ttl) {
+            Ok(cert) => {
+                m.cp_certificates.with_label_values(&["issued"]).inc();
+                tracing::info!(identity = %id, "certificate issued");
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "certificate": cert, "roots": self.ca.cert_pem }),
+                )
+            }
+            Err(e) => {
+                m.cp_certificates.with_label_values(&["refused"]).inc();
+                tracing::warn!(identity = %id, error = %e, "certificate refused");
+                error(StatusCode::FORBIDDEN, &e.to_string())
+            }
+        }
+    }
+}
+
+fn sa_of(id: &SpiffeId) -> &str {
+    id.as_str().rsplit('/').next().unwrap_or("")
+}
+
+/// Whether two configs differ in endpoints only (same clusters in order).
+fn same_but_endpoints(a: &crate::config::Config, b: &crate::config::Config) -> bool {
+    if a.clusters.len() != b.clusters.len() {
+        return false;
+    }
+    let strip = |c: &crate::config::Config| {
+        let mut c = c.clone();
+        for cl in &mut c.clusters {
+            cl.endpoints.clear();
+        }
+        c
+    };
+    strip(a) == strip(b)
+}
+
+/// The control plane's TLS: its own certificate (from its CA), client
+/// certificates of the mesh accepted but not required (a proxy without one
+/// shows a token).
+pub fn server_tls(
+    ca: &Ca,
+    identity: &SpiffeId,
+    dns: &[String],
+) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    let (cert, key) = ca
+        .issue(identity, Duration::from_secs(365 * 86400), dns)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+            .filter_map(Result::ok)
+            .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes())
+        .filter_map(Result::ok)
+    {
+        roots.add(c).map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        crate::tls::provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let mut c = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// Binds and serves; returns the bound address.
+pub async fn serve(
+    cp: Arc<ControlPlane>,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+) -> Result<SocketAddr, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(
+            TokioExecutor::new(),
+        ));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (cp, acceptor, builder) = (cp.clone(), acceptor.clone(), builder.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+                else {
+                    return;
+                };
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| SpiffeId::of_certificate(c).ok());
+                let svc = hyper::service::service_fn(move |req| {
+                    let (cp, peer) = (cp.clone(), peer.clone());
+                    async move { Ok::<_, std::convert::Infallible>(cp.handle(peer, req).await) }
+                });
+                let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    tracing::info!(address = %bound, "control plane listening");
+    Ok(bound)
+}
