@@ -48,6 +48,8 @@ pub enum RunError {
     Apply(#[from] crate::proxy::ApplyError),
     #[error("identity: {0}")]
     Identity(#[from] crate::tls::identity::IdentityError),
+    #[error("feed: {0}")]
+    Feed(String),
 }
 
 /// The proxy's identity from its config (the `files` source), and the
@@ -90,6 +92,9 @@ pub async fn serve(
             .await
             .map_err(|source| RunError::Admin { addr, source })?;
     }
+    if config.feed.is_some() {
+        return serve_from_control_plane(config, state, opts).await;
+    }
     let identity = start_identity(&config, opts.watch_interval)?;
     let proxy = Proxy::start(config, identity).await?;
     metrics().feed_updates.with_label_values(&["ack"]).inc();
@@ -104,6 +109,30 @@ pub async fn serve(
         ));
     }
     wait_for_shutdown(&state).await;
+    drain(&proxy, opts.drain_timeout).await;
+    Ok(())
+}
+
+/// A proxy whose config comes from a control plane: the bootstrap config
+/// holds no listeners; `/ready` waits for the first snapshot.
+async fn serve_from_control_plane(
+    bootstrap: Config,
+    state: Arc<admin::State>,
+    opts: &Options,
+) -> Result<(), RunError> {
+    let client = crate::feed::control_plane::FeedClient::new(&bootstrap)
+        .map_err(|e| RunError::Feed(e.to_string()))?;
+    let identity = match bootstrap.identity.as_ref().map(|i| i.source.control_plane) {
+        Some(true) => Some(client.identity_store().await),
+        _ => start_identity(&bootstrap, opts.watch_interval)?,
+    };
+    let proxy = Proxy::start(bootstrap, identity).await?;
+    state.set_proxy(proxy.clone());
+    client.apply_cached(&proxy).await;
+    tokio::spawn(client.clone().run(proxy.clone()));
+    wait_for_shutdown(&state).await;
+    // Callers stop getting this proxy before its listeners close.
+    client.drain().await;
     drain(&proxy, opts.drain_timeout).await;
     Ok(())
 }

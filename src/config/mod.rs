@@ -38,6 +38,9 @@ pub struct Config {
     pub identity: Option<Identity>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization: Vec<AuthorizationPolicy>,
+    /// Config from a control plane: this document is then the bootstrap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed: Option<Feed>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -640,7 +643,7 @@ impl Config {
             );
         }
 
-        if self.listeners.is_empty() {
+        if self.listeners.is_empty() && self.feed.is_none() {
             // An empty or truncated file must never be applied: it would
             // stop every listener while the process looks healthy.
             err(

@@ -163,6 +163,51 @@ pub struct AllowRule {
 /// The checks of the security sections, appended to `errs`.
 pub(super) fn validate_security(c: &super::Config, errs: &mut Vec<FieldError>) {
     let mut err = |path: String, message: String| errs.push(FieldError { path, message });
+    if let Some(f) = &c.feed {
+        if f.control_plane.is_empty() {
+            err(
+                "feed.control_plane".into(),
+                "name at least one control plane (https://host:port)".into(),
+            );
+        }
+        for (i, u) in f.control_plane.iter().enumerate() {
+            if !u.starts_with("https://")
+                || u.parse::<http::Uri>()
+                    .map(|u| u.authority().is_none())
+                    .unwrap_or(true)
+            {
+                err(
+                    format!("feed.control_plane[{i}]"),
+                    format!("`{u}` is not an https:// URL"),
+                );
+            }
+        }
+        if c.identity.is_none() {
+            err(
+                "identity".into(),
+                "a proxy fed by a control plane needs an identity (source: { control_plane: true })".into(),
+            );
+        }
+        if let Some(id) = &f.control_plane_identity
+            && SpiffeId::parse(id).is_err()
+        {
+            err(
+                "feed.control_plane_identity".into(),
+                format!("`{id}` is not a SPIFFE ID"),
+            );
+        }
+        if f.inbound_port > 0 && f.app_port == 0 {
+            err(
+                "feed.app_port".into(),
+                "an inbound listener forwards to the app's port".into(),
+            );
+        }
+    } else if c.identity.as_ref().is_some_and(|i| i.source.control_plane) {
+        err(
+            "identity.source.control_plane".into(),
+            "certificates from the control plane need a `feed` section".into(),
+        );
+    }
     if let Some(id) = &c.identity {
         if SpiffeId::parse(&format!("spiffe://{}/x", id.trust_domain)).is_err() {
             err(
@@ -296,4 +341,45 @@ pub(super) fn validate_security(c: &super::Config, errs: &mut Vec<FieldError>) {
             }
         }
     }
+}
+
+/// Where a proxy gets its config when a control plane serves it: the
+/// small bootstrap config names this, and listeners, routes and clusters
+/// come from the feed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feed {
+    /// One or more control-plane replicas (`https://host:15010`); a proxy
+    /// whose control plane dies moves to the next.
+    pub control_plane: Vec<String>,
+    /// The trust bundle the control plane's certificate must chain to.
+    pub ca: PathBuf,
+    /// The control plane's SPIFFE ID (default: spiffe://<trust domain>/ns/outrigger/sa/control-plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_identity: Option<String>,
+    /// A bearer token proving who this proxy is until it has a
+    /// certificate (a bootstrap token, or a projected ServiceAccount token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// The service account the proxy runs as (its SPIFFE ID's last part).
+    pub service_account: String,
+    /// Where callers reach this proxy's inbound listener (self-registration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
+    /// 0: no inbound listener (a client-only workload or a gateway).
+    #[serde(default)]
+    pub inbound_port: u16,
+    #[serde(default = "default_outbound_port")]
+    pub outbound_port: u16,
+    /// The local app the inbound listener forwards to.
+    #[serde(default)]
+    pub app_port: u16,
+    /// Keep the last good snapshot (and certificate) here, to serve from at
+    /// start while the control plane is away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_outbound_port() -> u16 {
+    15001
 }

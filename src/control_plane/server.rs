@@ -280,9 +280,10 @@ fn error(status: StatusCode, msg: &str) -> Response<Body> {
     json(status, &serde_json::json!({ "error": msg }))
 }
 
-fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
+const MAX_BODY: usize = 64 * 1024;
+
+fn query(uri: &http::Uri) -> HashMap<String, String> {
+    uri.query()
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -336,26 +337,34 @@ impl ControlPlane {
                 r
             }
             _ => {
-                let Some(id) = self.identify(peer.as_ref(), &req).await else {
+                let id = self.identify(peer.as_ref(), &req).await;
+                let (parts, body) = req.into_parts();
+                // Bodies are small (a CSR, an ack): read whole, bounded, and
+                // before any answer, so that an early refusal is not a reset.
+                let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "a body over 64 KiB"),
+                };
+                let Some(id) = id else {
                     return error(
                         StatusCode::UNAUTHORIZED,
                         "present a client certificate or a bearer token",
                     );
                 };
-                match (req.method().clone(), req.uri().path()) {
+                match (parts.method.clone(), parts.uri.path()) {
                     (Method::GET, "/v1/nodes") => json(StatusCode::OK, &self.nodes_json()),
-                    (Method::GET, "/v1/feed") => self.feed(id, req),
-                    (Method::POST, "/v1/ack") => self.ack(id, req).await,
-                    (Method::POST, "/v1/drain") => self.drain(id, req),
-                    (Method::POST, "/v1/certificate") => self.certificate(id, req).await,
+                    (Method::GET, "/v1/feed") => self.feed(id, &parts.uri),
+                    (Method::POST, "/v1/ack") => self.ack(id, &body),
+                    (Method::POST, "/v1/drain") => self.drain(id, &parts.uri),
+                    (Method::POST, "/v1/certificate") => self.certificate(id, &body),
                     _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
                 }
             }
         }
     }
 
-    fn feed(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
-        let q = query(&req);
+    fn feed(self: Arc<Self>, id: SpiffeId, uri: &http::Uri) -> Response<Body> {
+        let q = query(uri);
         let get = |k: &str| q.get(k).cloned().unwrap_or_default();
         let port = |k: &str| get(k).parse::<u16>().unwrap_or(0);
         let Some(node_id) = q.get("node").filter(|n| !n.is_empty()).cloned() else {
@@ -524,11 +533,8 @@ impl ControlPlane {
         });
     }
 
-    async fn ack(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
-        let Ok(body) = req.into_body().collect().await else {
-            return error(StatusCode::BAD_REQUEST, "unreadable body");
-        };
-        let a: AckBody = match serde_json::from_slice(&body.to_bytes()) {
+    fn ack(self: Arc<Self>, id: SpiffeId, body: &Bytes) -> Response<Body> {
+        let a: AckBody = match serde_json::from_slice(body) {
             Ok(a) => a,
             Err(e) => {
                 metrics().cp_acks.with_label_values(&["garbled"]).inc();
@@ -577,8 +583,8 @@ impl ControlPlane {
         json(StatusCode::OK, &serde_json::json!({ "ok": true }))
     }
 
-    fn drain(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
-        let q = query(&req);
+    fn drain(self: Arc<Self>, id: SpiffeId, uri: &http::Uri) -> Response<Body> {
+        let q = query(uri);
         let node = q.get("node").cloned().unwrap_or_default();
         let changed = {
             let mut nodes = self.nodes.lock();
@@ -599,12 +605,9 @@ impl ControlPlane {
         json(StatusCode::OK, &serde_json::json!({ "ok": true }))
     }
 
-    async fn certificate(self: Arc<Self>, id: SpiffeId, req: Request<Incoming>) -> Response<Body> {
+    fn certificate(self: Arc<Self>, id: SpiffeId, body: &Bytes) -> Response<Body> {
         let m = metrics();
-        let Ok(body) = req.into_body().collect().await else {
-            return error(StatusCode::BAD_REQUEST, "unreadable body");
-        };
-        let csr = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+        let csr = String::from_utf8_lossy(body).into_owned();
         match self.ca.sign_csr(&csr, &id, self.cert_ttl) {
             Ok(cert) => {
                 m.cp_certificates.with_label_values(&["issued"]).inc();

@@ -11,6 +11,8 @@
 //! or apply is logged and counted (`outrigger_feed_updates_total{result="nack"}`)
 //! and the running config stays in force.
 
+pub mod control_plane;
+
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::telemetry::metrics;

@@ -59,6 +59,7 @@ pub struct Credentials {
     /// The roots' subjects, sent as hints in a CertificateRequest.
     pub root_names: Vec<DistinguishedName>,
     pub serial: String,
+    pub not_before: i64,
     pub not_after: i64,
 }
 
@@ -100,6 +101,9 @@ impl Credentials {
             });
         }
         let (serial, not_after) = serial_and_expiry(leaf).unwrap_or_default();
+        let not_before = X509Certificate::from_der(leaf)
+            .map(|(_, c)| c.validity().not_before.timestamp())
+            .unwrap_or(0);
         let certified = CertifiedKey::new(chain, signing);
         if certified.keys_match().is_err() {
             return Err(IdentityError::KeyMismatch {
@@ -127,6 +131,7 @@ impl Credentials {
             roots,
             root_names,
             serial,
+            not_before,
             not_after,
         })
     }

@@ -34,19 +34,35 @@ fn pki_error(e: webpki::Error) -> Error {
     })
 }
 
+/// Where a verifier takes its trust anchors: the identity store (rotated
+/// with it), or a fixed bundle (a proxy's bootstrap, before it has an
+/// identity of its own).
+#[derive(Debug)]
+pub enum Roots {
+    Store(Arc<IdentityStore>),
+    Fixed(Vec<rustls::pki_types::TrustAnchor<'static>>),
+}
+
 /// The identity a verified chain names.
 fn verify_chain(
-    store: &IdentityStore,
+    roots: &Roots,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: webpki::KeyUsage,
 ) -> Result<SpiffeId, Error> {
-    let creds = store.current();
+    let creds;
+    let anchors: &[rustls::pki_types::TrustAnchor<'static>] = match roots {
+        Roots::Store(s) => {
+            creds = s.current();
+            &creds.roots
+        }
+        Roots::Fixed(r) => r,
+    };
     let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
     cert.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
-        &creds.roots,
+        anchors,
         intermediates,
         now,
         usage,
@@ -61,15 +77,19 @@ fn verify_chain(
 /// Checks an upstream sidecar's certificate: chain, then exactly `expected`.
 #[derive(Debug)]
 pub struct ServerIdentityVerifier {
-    store: Arc<IdentityStore>,
+    roots: Roots,
     expected: SpiffeId,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl ServerIdentityVerifier {
     pub fn new(store: Arc<IdentityStore>, expected: SpiffeId) -> Self {
+        Self::with_roots(Roots::Store(store), expected)
+    }
+
+    pub fn with_roots(roots: Roots, expected: SpiffeId) -> Self {
         ServerIdentityVerifier {
-            store,
+            roots,
             expected,
             algs: algorithms(),
         }
@@ -86,7 +106,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let id = verify_chain(
-            &self.store,
+            &self.roots,
             end_entity,
             intermediates,
             now,
@@ -156,7 +176,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let id = verify_chain(
-            &self.store,
+            &Roots::Store(self.store.clone()),
             end_entity,
             intermediates,
             now,

@@ -81,8 +81,8 @@ impl ProxyProc {
             format!("admin: {{ address: 127.0.0.1:0, probes: 127.0.0.1:0 }}\n{yaml}")
         };
         std::fs::write(&config_path, full).unwrap();
-        let mut child = Command::new(bin())
-            .args(["run", "--config"])
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--config"])
             .arg(&config_path)
             .args([
                 "--threads",
@@ -92,7 +92,24 @@ impl ProxyProc {
                 "--log-level",
                 "info",
             ])
-            .args(args)
+            .args(args);
+        Self::spawn(cmd, config_path, "\"message\":\"ready\"")
+    }
+
+    /// Starts `outrigger control-plane ARGS` and waits until it listens;
+    /// its address is `addr("cp")`.
+    pub fn control_plane(args: &[&str]) -> ProxyProc {
+        let mut cmd = Command::new(bin());
+        cmd.arg("control-plane").args(args);
+        Self::spawn(
+            cmd,
+            temp_dir().join("none"),
+            "\"message\":\"control plane listening\"",
+        )
+    }
+
+    fn spawn(mut cmd: Command, config_path: PathBuf, ready: &str) -> ProxyProc {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -122,7 +139,7 @@ impl ProxyProc {
             config_path,
             lines,
         };
-        p.wait_log(|l| l.contains("\"message\":\"ready\""));
+        p.wait_log(|l| l.contains(ready));
         for line in p.log() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
@@ -133,6 +150,9 @@ impl ProxyProc {
                 (Some("listening"), Some(a)) => {
                     p.listeners
                         .insert(f["listener"].as_str().unwrap_or("").to_string(), a);
+                }
+                (Some("control plane listening"), Some(a)) => {
+                    p.listeners.insert("cp".into(), a);
                 }
                 (Some("admin server listening"), Some(a)) => match f["kind"].as_str() {
                     Some("Admin") => p.admin = a,
@@ -446,4 +466,18 @@ pub async fn send(
 
 pub async fn get(client: &TestClient, host: &str, path: &str) -> Resp {
     send(client, "GET", host, path, &[], Bytes::new()).await
+}
+
+/// A loopback port free right now, from below the kernel's ephemeral range
+/// (32768 and up), so that a process binding port 0 is not handed it
+/// before the test's proxy binds it.
+pub fn free_port() -> u16 {
+    loop {
+        let port = 20000 + fastrand::u16(..12000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }

@@ -1,0 +1,609 @@
+//! The control plane and the feed end to end: a control-plane process on a
+//! directory of mesh documents, proxies that get their identity and config
+//! from it, apps behind them, real traffic.
+
+mod support;
+
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use support::pki::TD;
+use support::*;
+
+/// A mesh on one machine: CA, tokens, mesh documents, control plane(s).
+struct Mesh {
+    dir: PathBuf,
+    ca_dir: PathBuf,
+    mesh_dir: PathBuf,
+    tokens: PathBuf,
+}
+
+const NS: &str = "shop";
+
+fn token_for(sa: &str) -> String {
+    format!("token-for-{sa}-0123456789")
+}
+
+impl Mesh {
+    fn new(accounts: &[&str]) -> Mesh {
+        let dir = temp_dir();
+        let ca_dir = dir.join("ca");
+        outrigger::tls::ca::init(&ca_dir, TD).unwrap();
+        let mesh_dir = dir.join("mesh");
+        std::fs::create_dir_all(&mesh_dir).unwrap();
+        let tokens = dir.join("tokens.yaml");
+        let mut t = String::new();
+        for sa in accounts {
+            t.push_str(&format!(
+                "- {{ token: {}, identity: \"spiffe://{TD}/ns/{NS}/sa/{sa}\" }}\n",
+                token_for(sa)
+            ));
+        }
+        std::fs::write(&tokens, t).unwrap();
+        Mesh {
+            dir,
+            ca_dir,
+            mesh_dir,
+            tokens,
+        }
+    }
+
+    fn write(&self, file: &str, text: &str) {
+        let tmp = self.mesh_dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.mesh_dir.join(file)).unwrap();
+    }
+
+    fn control_plane(&self, extra: &[&str]) -> ProxyProc {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            TD,
+            "--grace",
+            "300ms",
+            "--watch-interval",
+            "100ms",
+        ];
+        args.extend_from_slice(extra);
+        let (md, ca, tok) = (
+            self.mesh_dir.display().to_string(),
+            self.ca_dir.display().to_string(),
+            self.tokens.display().to_string(),
+        );
+        let mut all: Vec<&str> = args.clone();
+        all.extend(["--mesh-dir", &md, "--ca-dir", &ca, "--tokens", &tok]);
+        ProxyProc::control_plane(&all)
+    }
+
+    /// A proxy fed by `cps`, for `service` run as `sa`; with `app`, an
+    /// inbound listener in front of it (registered as an endpoint).
+    fn proxy(
+        &self,
+        cps: &[&ProxyProc],
+        sa: &str,
+        service: &str,
+        app: Option<&Upstream>,
+        extra: &str,
+    ) -> ProxyProc {
+        let token = self.dir.join(format!("{sa}-{}.token", free_port()));
+        std::fs::write(&token, token_for(sa)).unwrap();
+        let urls: Vec<String> = cps
+            .iter()
+            .map(|c| format!("\"https://{}\"", c.addr("cp")))
+            .collect();
+        let (inbound, app_port) = match app {
+            Some(a) => (free_port(), a.addr.port()),
+            None => (0, 0),
+        };
+        ProxyProc::start(&format!(
+            "node: {{ id: {service}-{}, service: {service}, namespace: {NS} }}\nidentity: {{ trust_domain: {TD}, source: {{ control_plane: true }} }}\nfeed: {{ control_plane: [{}], ca: {}, token_file: {}, service_account: {sa}, inbound_port: {inbound}, outbound_port: {}, app_port: {app_port}{extra} }}\n",
+            free_port(),
+            urls.join(", "),
+            self.ca_dir.join("ca.pem").display(),
+            token.display(),
+            free_port(),
+        ))
+    }
+}
+
+fn service(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {NS} }}\nspec: {{ ports: [ {{ name: http, port: 8080 }} ] }}\n"
+    )
+}
+
+fn split(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: orders, namespace: {NS} }}\nspec:\n  parentRefs: [ {{ group: \"\", kind: Service, name: orders }} ]\n  rules:\n    - backendRefs: [ {{ name: orders-v1, port: 8080, weight: {v1} }}, {{ name: orders-v2, port: 8080, weight: {v2} }} ]\n"
+    )
+}
+
+/// Sends requests until `pred` holds on an answer (a readiness wait).
+async fn until(c: &TestClient, host: &str, what: &str, pred: impl Fn(&Resp) -> bool) {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let r = get(c, host, "/").await;
+        if pred(&r) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: last answer {} {}",
+            r.status,
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A metric of the control plane (served on its TLS port).
+fn cp_metric(cp: &ProxyProc, name: &str, labels: &[&str]) -> Option<f64> {
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--http2"])
+        .arg(format!("https://{}/metrics", cp.addr("cp")))
+        .output()
+        .unwrap();
+    metric_value(&String::from_utf8_lossy(&out.stdout), name, labels)
+}
+
+fn nodes(cp: &ProxyProc, sa: &str) -> serde_json::Value {
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--http2", "-H"])
+        .arg(format!("authorization: Bearer {}", token_for(sa)))
+        .arg(format!("https://{}/v1/nodes", cp.addr("cp")))
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Requests in a loop from `n` clients; counts answers that are not 200.
+fn load(
+    addr: std::net::SocketAddr,
+    host: &'static str,
+) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    for _ in 0..4 {
+        let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
+        tokio::spawn(async move {
+            let c = TestClient::h1(addr);
+            while !stop.load(Ordering::SeqCst) {
+                let r = get(&c, host, "/").await;
+                if r.status != 200 {
+                    eprintln!(
+                        "failed: {} {:?} {}",
+                        r.status,
+                        r.header("x-outrigger-reason"),
+                        r.text()
+                    );
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    (stop, failed, done)
+}
+
+async fn more(done: &AtomicUsize, n: usize) {
+    let target = done.load(Ordering::SeqCst) + n;
+    while done.load(Ordering::SeqCst) < target {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_route_changes_every_proxy_without_failing_a_request() {
+    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
+    m.write(
+        "services.yaml",
+        &[
+            service("orders"),
+            service("orders-v1"),
+            service("orders-v2"),
+        ]
+        .join("---\n"),
+    );
+    m.write("route.yaml", &split(100, 0));
+    let cp = m.control_plane(&[]);
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let _b1 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
+    let _b2 = m.proxy(&[&cp], "orders-v2", "orders-v2", Some(&v2), "");
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    let c = TestClient::h1(a.addr("outbound"));
+    until(&c, "orders", "v1 never answered through the mesh", |r| {
+        r.text() == "v1"
+    })
+    .await;
+    // Over mTLS: the app behind the callee's sidecar sees the caller.
+    assert_eq!(
+        v1.last().headers["x-outrigger-peer-identity"],
+        format!("spiffe://{TD}/ns/{NS}/sa/web")
+    );
+
+    let (stop, failed, done) = load(a.addr("outbound"), "orders.shop");
+    more(&done, 50).await;
+    m.write("route.yaml", &split(0, 100));
+    let before = v2.hits();
+    while v2.hits() == before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let v1_after = v1.hits();
+    more(&done, 100).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed while the route changed"
+    );
+    assert!(v1.hits() <= v1_after + 8, "traffic still went to v1");
+    // Every proxy acked the new version.
+    let n = nodes(&cp, "web");
+    let nodes = n.as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{n}");
+    for node in nodes {
+        assert!(node["last_ack"]["version"].as_u64().unwrap() >= 2, "{node}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_documents_and_unappliable_snapshots_change_nothing() {
+    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
+    m.write(
+        "services.yaml",
+        &[
+            service("orders"),
+            service("orders-v1"),
+            service("orders-v2"),
+        ]
+        .join("---\n"),
+    );
+    m.write("route.yaml", &split(100, 0));
+    let cp = m.control_plane(&[]);
+    let v1 = Upstream::start("v1").await;
+    let _b1 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    let c = TestClient::h1(a.addr("outbound"));
+    until(&c, "orders", "v1 never answered", |r| r.text() == "v1").await;
+    // A route to a service that does not exist: the control plane refuses
+    // it, naming file, document and field; traffic goes on as before.
+    m.write(
+        "route.yaml",
+        &split(100, 0).replace("name: orders-v2, port", "name: orders-v9, port"),
+    );
+    let line = cp.wait_log(|l| l.contains("mesh model refused"));
+    assert!(
+        line.contains("spec.rules[0].backendRefs[1].name") && line.contains("orders-v9"),
+        "{line}"
+    );
+    let m2 = Mesh {
+        dir: m.dir.clone(),
+        ca_dir: m.ca_dir.clone(),
+        mesh_dir: m.mesh_dir.clone(),
+        tokens: m.tokens.clone(),
+    };
+    m2.write("bad.yaml", "apiVersion: v1\nkind: Service\nmetadata: { name: x, namespace: shop }\nspec: { ports: [ { port: many } ] }\n");
+    let line = cp.wait_log(|l| l.contains("mesh documents refused"));
+    assert!(
+        line.contains("bad.yaml (document 1): spec.ports[0].port"),
+        "{line}"
+    );
+    std::fs::remove_file(m.mesh_dir.join("bad.yaml")).unwrap();
+    assert_eq!(get(&c, "orders", "/").await.text(), "v1");
+    m.write("route.yaml", &split(100, 0));
+    // A snapshot the proxy cannot apply (a zero connect timeout): nacked
+    // with the error, visible in /v1/nodes, and the proxy keeps its config.
+    m.write(
+        "policy.yaml",
+        &format!("apiVersion: outrigger.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{ name: p, namespace: {NS} }}\nspec: {{ targetRef: {{ kind: Service, name: orders-v1 }}, connectTimeout: 0s }}\n"),
+    );
+    a.wait_log(|l| l.contains("config from the control plane refused"));
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let n = nodes(&cp, "web");
+        let web = n
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["service"] == "web")
+            .cloned()
+            .unwrap();
+        if let Some(err) = web["last_nack"]["error"].as_str() {
+            assert!(err.contains("connect_timeout"), "{err}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nack never shown: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(&c, "orders", "/").await.text(),
+        "v1",
+        "the old config keeps serving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_outlive_their_control_plane_and_move_to_another_replica() {
+    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
+    m.write(
+        "services.yaml",
+        &[
+            service("orders"),
+            service("orders-v1"),
+            service("orders-v2"),
+        ]
+        .join("---\n"),
+    );
+    m.write("route.yaml", &split(100, 0));
+    let mut cp1 = m.control_plane(&[]);
+    let cp2 = m.control_plane(&[]);
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let _b1 = m.proxy(&[&cp1, &cp2], "orders-v1", "orders-v1", Some(&v1), "");
+    let _b2 = m.proxy(&[&cp1, &cp2], "orders-v2", "orders-v2", Some(&v2), "");
+    let a = m.proxy(&[&cp1, &cp2], "web", "web", None, "");
+    let c = TestClient::h1(a.addr("outbound"));
+    until(&c, "orders", "v1 never answered", |r| r.text() == "v1").await;
+    // The first replica dies: traffic flows on the last good config.
+    let (stop, failed, done) = load(a.addr("outbound"), "orders");
+    cp1.signal("KILL");
+    cp1.wait_exit();
+    more(&done, 100).await;
+    // An edit reaches the proxies through the other replica.
+    m.write("route.yaml", &split(0, 100));
+    let before = v2.hits();
+    while v2.hits() == before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    more(&done, 50).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed while the control plane died"
+    );
+    let n = nodes(&cp2, "web");
+    assert_eq!(
+        n.as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["connected"] == true)
+            .count(),
+        3,
+        "{n}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_registering_and_draining_changes_its_callers_endpoints() {
+    let m = Mesh::new(&["web", "orders"]);
+    m.write("services.yaml", &service("orders"));
+    let cp = m.control_plane(&[]);
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    let c = TestClient::h1(a.addr("outbound"));
+    let r = get(&c, "orders", "/").await;
+    assert_eq!(r.status, 503, "no endpoint yet: {}", r.text());
+    let app1 = Upstream::start("one").await;
+    let app2 = Upstream::start("two").await;
+    let b1 = m.proxy(&[&cp], "orders", "orders", Some(&app1), "");
+    until(
+        &c,
+        "orders",
+        "a registered proxy never became an endpoint",
+        |r| r.text() == "one",
+    )
+    .await;
+    let mut b2 = m.proxy(&[&cp], "orders", "orders", Some(&app2), "");
+    until(&c, "orders", "the second replica never got traffic", |r| {
+        r.text() == "two"
+    })
+    .await;
+    // Draining: deregistered first, so callers stop sending before it stops.
+    let (stop, failed, done) = load(a.addr("outbound"), "orders");
+    more(&done, 20).await;
+    b2.signal("TERM");
+    b2.wait_exit();
+    let after = app2.hits();
+    more(&done, 100).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed while a replica drained"
+    );
+    assert!(
+        app2.hits() <= after + 4,
+        "a drained replica kept getting traffic"
+    );
+    drop(b1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_gets_a_certificate_or_a_feed_for_another_identity() {
+    let m = Mesh::new(&["web", "orders"]);
+    m.write("services.yaml", &service("orders"));
+    let cp = m.control_plane(&[]);
+    let url = format!("https://{}", cp.addr("cp"));
+    let key = m.dir.join("k.pem");
+    let csr = m.dir.join("csr.pem");
+    let openssl_csr = |san: &str, key_opt: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-new", "-nodes", "-subj", "/O=x"])
+            .args(key_opt)
+            .args(["-keyout"])
+            .arg(&key)
+            .args(["-out"])
+            .arg(&csr)
+            .args(["-addext", &format!("subjectAltName=URI:{san}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let post = |path: &str, token: &str, body: &Path| -> (u16, String) {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "--http2",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+            ])
+            .arg(format!("authorization: Bearer {token}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg(format!("{url}{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    };
+    // web asking for orders' identity.
+    openssl_csr(
+        &format!("spiffe://{TD}/ns/{NS}/sa/orders"),
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    );
+    let (code, body) = post("/v1/certificate", &token_for("web"), &csr);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("not for"), "{body}");
+    // Its own identity with a weak key.
+    openssl_csr(
+        &format!("spiffe://{TD}/ns/{NS}/sa/web"),
+        &["-newkey", "rsa:1024"],
+    );
+    let (code, body) = post("/v1/certificate", &token_for("web"), &csr);
+    assert_eq!(code, 403, "{body}");
+    // A token nobody issued.
+    let (code, _) = post("/v1/certificate", "not-a-token-at-all-xxxx", &csr);
+    assert_eq!(code, 401);
+    // The right CSR with the right token.
+    openssl_csr(
+        &format!("spiffe://{TD}/ns/{NS}/sa/web"),
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    );
+    let (code, body) = post("/v1/certificate", &token_for("web"), &csr);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("BEGIN CERTIFICATE"));
+    // A feed for another namespace.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "-H",
+        ])
+        .arg(format!("authorization: Bearer {}", token_for("web")))
+        .arg(format!(
+            "{url}/v1/feed?node=x&namespace=payments&service=web"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    // A garbled ack.
+    std::fs::write(&csr, "{ not json").unwrap();
+    let (code, _) = post("/v1/ack", &token_for("web"), &csr);
+    assert_eq!(code, 400);
+    assert!(
+        cp_metric(
+            &cp,
+            "outrigger_cp_certificates_total",
+            &["result=\"refused\""]
+        )
+        .unwrap()
+            >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_under_load_without_a_failed_request() {
+    let m = Mesh::new(&["web", "orders"]);
+    m.write("services.yaml", &service("orders"));
+    let cp = m.control_plane(&["--cert-ttl", "3s"]);
+    let app = Upstream::start("app").await;
+    let b = m.proxy(&[&cp], "orders", "orders", Some(&app), "");
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    let c = TestClient::h1(a.addr("outbound"));
+    until(&c, "orders", "no traffic", |r| r.text() == "app").await;
+    let (stop, failed, done) = load(a.addr("outbound"), "orders");
+    // Both sides renew at two thirds of 3 s; wait for both, then more traffic.
+    a.wait_log(|l| l.contains("certificate rotated"));
+    b.wait_log(|l| l.contains("certificate rotated"));
+    more(&done, 100).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed across renewals"
+    );
+    assert!(
+        cp_metric(
+            &cp,
+            "outrigger_cp_certificates_total",
+            &["result=\"issued\""]
+        )
+        .unwrap()
+            >= 4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_client_that_never_reads_costs_the_control_plane_nothing() {
+    let m = Mesh::new(&["web"]);
+    m.write("services.yaml", &service("orders"));
+    let cp = m.control_plane(&[]);
+    // A client that subscribes and never reads a byte.
+    let stalled = std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "--http2",
+            "--limit-rate",
+            "1",
+            "-o",
+            "/dev/null",
+            "-H",
+        ])
+        .arg(format!("authorization: Bearer {}", token_for("web")))
+        .arg(format!(
+            "https://{}/v1/feed?node=stalled&namespace={NS}&service=web",
+            cp.addr("cp")
+        ))
+        .spawn()
+        .unwrap();
+    // Many model changes meanwhile, each bigger than the last.
+    for i in 0..40 {
+        let svcs: Vec<String> = (0..i).map(|j| service(&format!("s{j}"))).collect();
+        m.write("many.yaml", &svcs.join("---\n"));
+        cp.wait_log(|l| {
+            l.contains("mesh model applied") && l.contains(&format!("\"version\":{}", i + 2))
+        });
+    }
+    // Everyone else is still served at once.
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    assert!(a.addr("outbound").port() > 0);
+    let mut stalled = stalled;
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    let _ = Bytes::new();
+}
