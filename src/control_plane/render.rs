@@ -770,7 +770,21 @@ spec:
     fn a_proxy_gets_routes_only_to_what_it_may_call() {
         let m = mesh(MESH);
         let web = render(&m, &[], &node("shop", "web", "web"), &settings());
-        web.validate().unwrap();
+        // A proxy validates the snapshot merged with its bootstrap `feed`.
+        let mut merged = web.clone();
+        merged.feed = Some(crate::config::Feed {
+            control_plane: vec!["https://127.0.0.1:1".into()],
+            ca: "/x".into(),
+            control_plane_identity: None,
+            token_file: None,
+            service_account: "web".into(),
+            address: None,
+            inbound_port: 0,
+            outbound_port: 15001,
+            app_port: 0,
+            cache_dir: None,
+        });
+        merged.validate().unwrap();
         let names: Vec<&str> = web.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["orders.shop:8080"], "payments is not for web");
         let orders = &web.clusters[0];
