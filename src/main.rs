@@ -60,8 +60,8 @@ enum Cmd {
         #[arg(long, env = "OUTRIGGER_LISTEN", default_value = "0.0.0.0:15010")]
         listen: std::net::SocketAddr,
         /// The mesh CA (`outrigger ca init DIR`), shared by replicas.
-        #[arg(long, env = "OUTRIGGER_CA_DIR")]
-        ca_dir: PathBuf,
+        #[arg(long, env = "OUTRIGGER_CA_DIR", required_unless_present = "print_crds")]
+        ca_dir: Option<PathBuf>,
         /// Bootstrap tokens: a YAML list of { token, identity }.
         #[arg(long, env = "OUTRIGGER_TOKENS")]
         tokens: Option<PathBuf>,
@@ -209,6 +209,10 @@ fn main() -> ExitCode {
                 print!("{}", outrigger::control_plane::kinds::crds_yaml());
                 return ExitCode::SUCCESS;
             }
+            let Some(ca_dir) = ca_dir else {
+                eprintln!("error: --ca-dir is required");
+                return ExitCode::from(2);
+            };
             outrigger::telemetry::init_logs(&log_level);
             let opts = Options {
                 threads: run::default_threads(),

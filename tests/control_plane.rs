@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
+use support::kube_api::FakeKubeApi;
 use support::pki::TD;
 use support::*;
 
@@ -76,6 +77,27 @@ impl Mesh {
         let mut all: Vec<&str> = args.clone();
         all.extend(["--mesh-dir", &md, "--ca-dir", &ca, "--tokens", &tok]);
         ProxyProc::control_plane(&all)
+    }
+
+    /// A control plane on the Kubernetes API at `api` (TokenReview for the
+    /// proxies' tokens: no tokens file).
+    fn control_plane_kube(&self, api: &FakeKubeApi) -> ProxyProc {
+        let kubeconfig = api.kubeconfig(&self.dir);
+        let ca = self.ca_dir.display().to_string();
+        ProxyProc::control_plane_env(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--trust-domain",
+                TD,
+                "--grace",
+                "300ms",
+                "--kubernetes",
+                "--ca-dir",
+                &ca,
+            ],
+            &[("KUBECONFIG", &kubeconfig)],
+        )
     }
 
     /// A proxy fed by `cps`, for `service` run as `sa`; with `app`, an
@@ -606,4 +628,109 @@ async fn a_feed_client_that_never_reads_costs_the_control_plane_nothing() {
     let _ = stalled.kill();
     let _ = stalled.wait();
     let _ = Bytes::new();
+}
+
+/// The Kubernetes source, with kube-rs's own client against a fake API
+/// server speaking list/watch: the initial list, ADDED/MODIFIED/DELETED
+/// events, bookmarks, a watch ending, and `410 Gone` forcing a re-list;
+/// proxies authenticated by TokenReview.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_source_follows_the_api_server() {
+    let m = Mesh::new(&[]);
+    let api = FakeKubeApi::start().await;
+    for sa in ["web", "orders-v1", "orders-v2"] {
+        api.allow_token(&token_for(sa), &format!("system:serviceaccount:{NS}:{sa}"));
+    }
+    for s in ["orders", "orders-v1", "orders-v2"] {
+        api.apply(&service(s));
+    }
+    api.apply(&split(100, 0));
+    let cp = m.control_plane_kube(&api);
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let _b1 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
+    let _b2 = m.proxy(&[&cp], "orders-v2", "orders-v2", Some(&v2), "");
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    let c = TestClient::h1(a.addr("outbound"));
+    // The initial list: services and the route; proxies admitted by TokenReview.
+    until(&c, "orders", "the listed route never served", |r| {
+        r.text() == "v1"
+    })
+    .await;
+    assert!(api.reviews() >= 3, "tokens were not reviewed");
+    assert_eq!(api.lists("HTTPRoute"), 1);
+    // MODIFIED.
+    api.apply(&split(0, 100));
+    until(&c, "orders", "a modified route never served", |r| {
+        r.text() == "v2"
+    })
+    .await;
+    // ADDED and DELETED: an EndpointSlice shows up in, then leaves, the
+    // callers' clusters.
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{ name: legacy-1, namespace: {NS}, labels: {{ kubernetes.io/service-name: legacy }} }}\naddressType: IPv4\nports: [ {{ name: http, port: 8080 }} ]\nendpoints: [ {{ addresses: [ 127.0.0.77 ], conditions: {{ ready: true }} }} ]\n"
+    );
+    api.apply(&service("legacy"));
+    api.apply(&slice);
+    let clusters = |a: &ProxyProc| http_get_raw(a.admin, "/clusters").1;
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while !clusters(&a).contains("127.0.0.77:8080") {
+        assert!(std::time::Instant::now() < deadline, "{}", clusters(&a));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.delete("EndpointSlice", NS, "legacy-1");
+    while clusters(&a).contains("127.0.0.77:8080") {
+        assert!(std::time::Instant::now() < deadline, "{}", clusters(&a));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A bookmark, then the watch ends: the watch resumes from the
+    // bookmark's version, with no re-list.
+    let mark = api.bookmark();
+    api.close_watches();
+    api.apply(&split(100, 0));
+    until(
+        &c,
+        "orders",
+        "a route after a resumed watch never served",
+        |r| r.text() == "v1",
+    )
+    .await;
+    assert!(
+        api.watches("HTTPRoute").contains(&mark.to_string()),
+        "{:?} does not resume from {mark}",
+        api.watches("HTTPRoute")
+    );
+    assert_eq!(api.lists("HTTPRoute"), 1, "a bookmark must spare a re-list");
+    // 410 Gone: history compacted, and a change the watch never saw; only
+    // a re-list can find it.
+    api.expire();
+    api.apply(&split(0, 100));
+    until(&c, "orders", "the change behind a 410 never served", |r| {
+        r.text() == "v2"
+    })
+    .await;
+    assert!(api.lists("HTTPRoute") >= 2, "no re-list after 410 Gone");
+    // An object that does not validate is left out; the rest still moves.
+    api.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: broken, namespace: {NS} }}\nspec:\n  parentRefs: [ {{ group: \"\", kind: Service, name: legacy }} ]\n  rules: [ {{ backendRefs: [ {{ name: nowhere, port: 8080 }} ] }} ]\n"
+    ));
+    api.delete("HTTPRoute", NS, "orders");
+    until(&c, "orders", "a deleted route kept serving", |r| {
+        r.status == 503
+    })
+    .await;
+    cp.wait_log(|l| {
+        l.contains("left out of the mesh model") && l.contains("HTTPRoute shop/broken")
+    });
+    // A token the review refuses gets nothing.
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--http2", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", "authorization: Bearer a-token-nobody-issued-xxxx"])
+        .arg(format!(
+            "https://{}/v1/feed?node=x&namespace={NS}&service=web",
+            cp.addr("cp")
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
 }

@@ -138,3 +138,15 @@ pub fn crds_yaml() -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_charts_crds_are_the_generated_ones() {
+        assert_eq!(
+            super::crds_yaml(),
+            include_str!("../../charts/outrigger/crds/outrigger.io.yaml"),
+            "regenerate: outrigger control-plane --print-crds > charts/outrigger/crds/outrigger.io.yaml"
+        );
+    }
+}

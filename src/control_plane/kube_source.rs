@@ -2,7 +2,10 @@
 //! Services, EndpointSlices, HTTPRoutes, GRPCRoutes and the own kinds,
 //! across namespaces. Each kind's watcher keeps its objects (initial list,
 //! ADDED/MODIFIED/DELETED events, a re-list after `410 Gone`, bookmarks —
-//! all handled by kube-runtime); every change publishes the whole model.
+//! all handled by kube-runtime); every change publishes the whole model,
+//! once every kind has been listed (a half-listed mesh would route to
+//! services that merely have not arrived yet). An object that does not
+//! validate is left out with its error logged; the rest is published.
 
 use super::kinds::{AuthorizationPolicy, TrafficPolicy};
 use super::model::{Mesh, Object};
@@ -12,10 +15,14 @@ use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+
+/// How many kinds are watched (each must be listed before publishing).
+const KINDS: usize = 6;
 
 pub struct KubeSource {
     pub client: Client,
@@ -49,7 +56,11 @@ fn watch<K>(
 {
     tokio::spawn(async move {
         let api: Api<K> = Api::all(client);
-        let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+        // kube-runtime's default backoff between failed lists and watches,
+        // so a down API server is not hammered.
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
         let mut listing: Vec<Object> = Vec::new();
         while let Some(ev) = stream.next().await {
             let change = match ev {
@@ -65,10 +76,8 @@ fn watch<K>(
                 }
                 Ok(Event::InitDone) => Some(Change::Replace(kind, std::mem::take(&mut listing))),
                 Err(e) => {
-                    // kube-runtime retries (with a re-list after 410 Gone);
-                    // back off a little so a down API server is not hammered.
+                    // kube-runtime retries (with a re-list after 410 Gone).
                     tracing::warn!(kind, error = %e, "kubernetes watch error");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     None
                 }
             };
@@ -124,6 +133,7 @@ impl Source for KubeSource {
             );
             let mut mesh = Mesh::default();
             let publish = Arc::new(publish);
+            let mut listed: std::collections::HashSet<&'static str> = Default::default();
             while let Some(first) = rx.recv().await {
                 let apply = |c: Change, mesh: &mut Mesh| match c {
                     Change::Apply(o) => mesh.insert(o),
@@ -145,12 +155,30 @@ impl Source for KubeSource {
                         }
                     }
                 };
+                let mut note = |c: &Change| {
+                    if let Change::Replace(kind, _) = c {
+                        listed.insert(kind);
+                    }
+                };
+                note(&first);
                 apply(first, &mut mesh);
                 // Take whatever else is queued before publishing once.
                 while let Ok(c) = rx.try_recv() {
+                    note(&c);
                     apply(c, &mut mesh);
                 }
-                publish(mesh.clone(), "kubernetes");
+                if listed.len() < KINDS {
+                    continue;
+                }
+                let mut candidate = mesh.clone();
+                for e in candidate.prune_invalid() {
+                    crate::telemetry::metrics()
+                        .cp_model_updates
+                        .with_label_values(&["invalid"])
+                        .inc();
+                    tracing::warn!(error = %e, "kubernetes object left out of the mesh model");
+                }
+                publish(candidate, "kubernetes");
             }
         })
     }

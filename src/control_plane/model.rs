@@ -341,6 +341,43 @@ impl Mesh {
         }
     }
 
+    /// Drops every object validation names (`kind ns/name`) until the
+    /// rest is valid, returning what was dropped and why. For the
+    /// Kubernetes source: one bad object in one namespace must not freeze
+    /// the whole mesh's config (as Envoy and Istio ignore one bad resource);
+    /// the directory source refuses the whole edit instead.
+    pub fn prune_invalid(&mut self) -> Vec<ModelError> {
+        let mut dropped = Vec::new();
+        // Each round drops at least one object, so this ends.
+        while let Err(ModelErrors(errs)) = self.validate() {
+            let mut progress = false;
+            for e in &errs {
+                if let Some((kind, key)) = e.origin.split_once(' ')
+                    && let Some((ns, name)) = key.split_once('/')
+                {
+                    let k = (ns.to_string(), name.to_string());
+                    let before = self.len();
+                    self.remove(kind, &k);
+                    progress |= self.len() < before;
+                }
+            }
+            dropped.extend(errs);
+            if !progress {
+                break;
+            }
+        }
+        dropped
+    }
+
+    fn len(&self) -> usize {
+        self.services.len()
+            + self.slices.len()
+            + self.http_routes.len()
+            + self.grpc_routes.len()
+            + self.traffic.len()
+            + self.authz.len()
+    }
+
     /// A cycle of host → host redirects among the HTTPRoutes, if any.
     fn redirect_cycle(&self) -> Option<(String, String)> {
         let mut edges: BTreeMap<String, (String, String)> = BTreeMap::new();

@@ -243,6 +243,10 @@ impl ControlPlane {
     }
 }
 
+/// The audience of the projected ServiceAccount token a proxy presents
+/// (the chart's injected volume asks for it).
+pub const TOKEN_AUDIENCE: &str = "outrigger";
+
 /// Checks a ServiceAccount token with the Kubernetes TokenReview API:
 /// `system:serviceaccount:<ns>:<sa>` → `spiffe://<td>/ns/<ns>/sa/<sa>`.
 pub async fn token_review(client: &kube::Client, token: &str, td: &str) -> Option<SpiffeId> {
@@ -251,13 +255,32 @@ pub async fn token_review(client: &kube::Client, token: &str, td: &str) -> Optio
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_string()),
-            audiences: None,
+            audiences: Some(vec![TOKEN_AUDIENCE.to_string()]),
         },
         ..Default::default()
     };
-    let done = api.create(&Default::default(), &review).await.ok()?;
+    let done = match api.create(&Default::default(), &review).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "token review failed");
+            return None;
+        }
+    };
     let status = done.status?;
     if status.authenticated != Some(true) {
+        tracing::warn!(
+            error = status.error.as_deref().unwrap_or(""),
+            "token review: not authenticated"
+        );
+        return None;
+    }
+    // A token for another audience (the API server's own) is not for us.
+    if !status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|x| x == TOKEN_AUDIENCE))
+    {
+        tracing::warn!("token review: the token is not for audience {TOKEN_AUDIENCE}");
         return None;
     }
     let user = status.user?.username?;

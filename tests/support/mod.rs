@@ -2,6 +2,7 @@
 //! real upstream servers and clients on loopback.
 #![allow(dead_code)]
 
+pub mod kube_api;
 pub mod pki;
 pub mod upstream;
 
@@ -13,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -99,8 +100,15 @@ impl ProxyProc {
     /// Starts `outrigger control-plane ARGS` and waits until it listens;
     /// its address is `addr("cp")`.
     pub fn control_plane(args: &[&str]) -> ProxyProc {
+        Self::control_plane_env(args, &[])
+    }
+
+    pub fn control_plane_env(args: &[&str], env: &[(&str, &Path)]) -> ProxyProc {
         let mut cmd = Command::new(bin());
         cmd.arg("control-plane").args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         Self::spawn(
             cmd,
             temp_dir().join("none"),
