@@ -58,9 +58,13 @@ impl Mesh {
     }
 
     fn control_plane(&self, extra: &[&str]) -> ProxyProc {
+        self.control_plane_at("127.0.0.1:0", extra)
+    }
+
+    fn control_plane_at(&self, listen: &str, extra: &[&str]) -> ProxyProc {
         let mut args = vec![
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--trust-domain",
             TD,
             "--grace",
@@ -403,6 +407,62 @@ async fn proxies_outlive_their_control_plane_and_move_to_another_replica() {
         3,
         "{n}"
     );
+}
+
+/// The only control plane dies and comes back on the same address:
+/// traffic flows meanwhile, every proxy reconnects, and an edit made
+/// while it was away reaches them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
+    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
+    m.write(
+        "services.yaml",
+        &[
+            service("orders"),
+            service("orders-v1"),
+            service("orders-v2"),
+        ]
+        .join("---\n"),
+    );
+    m.write("route.yaml", &split(100, 0));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cp = m.control_plane_at(&listen, &[]);
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let _b1 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
+    let _b2 = m.proxy(&[&cp], "orders-v2", "orders-v2", Some(&v2), "");
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    let c = TestClient::h1(a.addr("outbound"));
+    until(&c, "orders", "v1 never answered", |r| r.text() == "v1").await;
+    let (stop, failed, done) = load(a.addr("outbound"), "orders");
+    cp.signal("KILL");
+    cp.wait_exit();
+    more(&done, 100).await;
+    // Edited while no control plane runs; it comes back with the edit.
+    m.write("route.yaml", &split(0, 100));
+    let cp = m.control_plane_at(&listen, &[]);
+    let before = v2.hits();
+    while v2.hits() == before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    more(&done, 50).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed");
+    // Every proxy is back and acked the new control plane's version.
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let n = nodes(&cp, "web");
+        let list = n.as_array().unwrap();
+        let acked = list
+            .iter()
+            .filter(|x| x["connected"] == true && x["last_ack"]["version"] == x["version"])
+            .count();
+        if list.len() == 3 && acked == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
