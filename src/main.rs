@@ -13,6 +13,10 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Exit when stdin closes: the demo's children end with the demo even
+    /// when it is killed outright.
+    #[arg(long, global = true, hide = true)]
+    exit_with_stdin: bool,
 }
 
 #[derive(clap::Args)]
@@ -137,6 +141,14 @@ fn dur(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.exit_with_stdin {
+        std::thread::spawn(|| {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            while matches!(std::io::stdin().read(&mut buf), Ok(n) if n > 0) {}
+            std::process::exit(0);
+        });
+    }
     match cli.cmd {
         Cmd::Validate { file } => match Config::load(&file) {
             Ok(c) => {
@@ -245,7 +257,7 @@ fn main() -> ExitCode {
                 drain_timeout: common.drain_timeout,
                 watch_interval: Duration::from_secs(1),
             };
-            block_on(&opts, outrigger::demo::run(&opts))
+            block_on(&opts, outrigger::demo::run(&opts, &common.log_level))
         }
     }
 }

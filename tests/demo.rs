@@ -28,6 +28,8 @@ fn every_command_the_demo_prints_works() {
             commands.push(cmd);
         } else if let Some(cmd) = line.strip_prefix("  for ") {
             commands.push(format!("for {cmd}"));
+        } else if let Some(cmd) = line.strip_prefix("  sed ") {
+            commands.push(format!("sed {cmd}"));
         }
         if line.starts_with("Stop with") {
             break;
@@ -42,11 +44,43 @@ fn every_command_the_demo_prints_works() {
         assert!(std::time::Instant::now() < deadline, "demo never ready");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The mesh half is ready once the web sidecar reaches reviews.
+    let reviews = "curl -s -H 'host: reviews' http://127.0.0.1:16001/";
+    let sh = |cmd: &str| {
+        let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    while !sh(reviews).starts_with("reviews-v1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo mesh never ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     for cmd in &commands {
         let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{cmd}: {out:?}");
+        if cmd.starts_with("sed ") {
+            // The live edit: wait until the route follows it.
+            let deadline = std::time::Instant::now() + READY_TIMEOUT;
+            while !sh(reviews).starts_with("reviews-v2") {
+                assert!(std::time::Instant::now() < deadline, "the edit never took");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            continue;
+        }
         assert!(!text.trim().is_empty(), "{cmd} printed nothing");
+        if cmd == reviews {
+            assert!(text.starts_with("reviews-v1"), "{text}");
+        }
+        if cmd.contains("host: reviews") && cmd.starts_with("for ") {
+            assert_eq!(text.matches("reviews-v2").count(), 4, "{text}");
+        }
+        if cmd.contains("/v1/nodes") {
+            let nodes: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(nodes.as_array().map(|a| a.len()), Some(3), "{text}");
+        }
         if cmd.contains("flaky.demo") {
             assert!(
                 !text.contains("503"),

@@ -570,10 +570,12 @@ pub fn render(mesh: &Mesh, regs: &[Registration], node: &Node, set: &Settings) -
             SocketAddr::new(IpAddr::from([127, 0, 0, 1]), node.outbound_port),
         ));
     }
-    // The services this proxy may call, their clusters and routes.
+    // The services this proxy may call, their clusters and routes (none
+    // without an outbound listener: a server-only workload).
     let callable: Vec<(&Key, &Service)> = mesh
         .services
         .iter()
+        .filter(|_| node.outbound_port > 0)
         .filter(|(k, _)| may_call(mesh, k, node, &set.trust_domain))
         .collect();
     let mut clusters = BTreeMap::new();
@@ -764,6 +766,30 @@ spec:
             cluster_domain: "cluster.local".into(),
             mtls: true,
         }
+    }
+
+    #[test]
+    fn a_proxy_without_an_outbound_listener_gets_no_routes() {
+        let m = mesh(MESH);
+        let mut n = node("shop", "orders", "orders");
+        n.outbound_port = 0;
+        let c = render(&m, &[], &n, &settings());
+        assert!(c.routes.is_empty() && c.clusters.is_empty());
+        assert_eq!(c.listeners.len(), 1);
+        let mut merged = c.clone();
+        merged.feed = Some(crate::config::Feed {
+            control_plane: vec!["https://127.0.0.1:1".into()],
+            ca: "/x".into(),
+            control_plane_identity: None,
+            token_file: None,
+            service_account: "orders".into(),
+            address: None,
+            inbound_port: 15006,
+            outbound_port: 0,
+            app_port: 8080,
+            cache_dir: None,
+        });
+        merged.validate().unwrap();
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! `outrigger demo`: a small local mesh on loopback on the embedded config
-//! (`config/demo.yaml`): three demo apps and one proxy with an outbound,
-//! an inbound and a gateway listener in front of them.
+//! (`config/demo.yaml`): demo apps and one proxy with an outbound, an
+//! inbound and a gateway listener in front of them; and (`mesh`) a control
+//! plane on a folder of mesh documents feeding three more sidecars.
+
+mod mesh;
 
 use crate::config::Config;
 use crate::run::{self, Options};
@@ -14,7 +17,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.yaml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -30,6 +33,8 @@ pub enum DemoError {
     Run(#[from] run::RunError),
     #[error("demo certificates: {0}")]
     Ca(#[from] crate::tls::ca::CaError),
+    #[error("demo mesh: {0}")]
+    Mesh(String),
 }
 
 /// A fresh CA and the demo proxy's certificate where the config says.
@@ -64,10 +69,10 @@ const APPS: [(&str, u16); 5] = [
     ("slow", 18085),
 ];
 
-pub async fn run(opts: &Options) -> Result<(), DemoError> {
+pub async fn run(opts: &Options, log_level: &str) -> Result<(), DemoError> {
     let config = Config::from_yaml(DEMO_CONFIG)?;
     make_identity(&config)?;
-    for (name, port) in APPS {
+    for (name, port) in APPS.into_iter().chain(mesh::APPS) {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let l = TcpListener::bind(addr)
             .await
@@ -75,6 +80,7 @@ pub async fn run(opts: &Options) -> Result<(), DemoError> {
         tokio::spawn(serve_app(l, name));
     }
     // Not println!: a closed stdout (a pipe to `head`) must not kill the demo.
+    let _mesh = mesh::start(log_level)?;
     let _ = std::io::Write::write_all(&mut std::io::stdout(), banner().as_bytes());
     run::serve(config, None, opts).await?;
     Ok(())
@@ -147,6 +153,46 @@ pub fn banner() -> String {
         (
             "no route → 404 with a reason header",
             "curl -si -H 'host: nowhere' http://127.0.0.1:15001/",
+        ),
+    ] {
+        let _ = writeln!(s, "  # {what}\n  {cmd}\n");
+    }
+    let _ = writeln!(
+        s,
+        "The mesh half: a control plane ({cp}) on the documents in {dir}/mesh feeds three sidecars;\nthe web sidecar's outbound ({out}) reaches reviews-v1 / reviews-v2 through their sidecars over mTLS.\n",
+        cp = mesh::CONTROL_PLANE,
+        dir = mesh::DIR,
+        out = mesh::WEB_OUTBOUND,
+    );
+    let token = format!("{}/mesh-state/web.token", mesh::DIR);
+    for (what, cmd) in [
+        (
+            "the route sends everything to reviews-v1",
+            format!(
+                "curl -s -H 'host: reviews' http://127.0.0.1:{}/",
+                mesh::WEB_OUTBOUND
+            ),
+        ),
+        (
+            "edit the route live: swap the weights (or open the file in an editor and save)",
+            format!(
+                "sed -i -e 's/weight: 100/weight: 0/' -e t -e 's/weight: 0/weight: 100/' {}",
+                mesh::ROUTE_FILE
+            ),
+        ),
+        (
+            "within a second, reviews-v2 answers",
+            format!(
+                "for i in $(seq 4); do curl -s -H 'host: reviews' http://127.0.0.1:{}/; done",
+                mesh::WEB_OUTBOUND
+            ),
+        ),
+        (
+            "every proxy the control plane feeds, with the version each acked",
+            format!(
+                "curl -sk -H \"authorization: Bearer $(cat {token})\" https://{}/v1/nodes",
+                mesh::CONTROL_PLANE
+            ),
         ),
     ] {
         let _ = writeln!(s, "  # {what}\n  {cmd}\n");
