@@ -42,6 +42,27 @@ pub struct Node {
     pub app_port: u16,
 }
 
+/// What a proxy's config depends on besides the model: proxies with the
+/// same key (the replicas of a workload) get the same config.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    namespace: String,
+    service: String,
+    identity: String,
+    ports: (u16, u16, u16),
+}
+
+impl Node {
+    pub fn group_key(&self) -> GroupKey {
+        GroupKey {
+            namespace: self.namespace.clone(),
+            service: self.service.clone(),
+            identity: self.identity.to_string(),
+            ports: (self.inbound_port, self.outbound_port, self.app_port),
+        }
+    }
+}
+
 /// A proxy registered as an endpoint of its service.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Registration {
@@ -509,7 +530,9 @@ fn route(
 pub fn render(mesh: &Mesh, regs: &[Registration], node: &Node, set: &Settings) -> Config {
     let mut c = Config {
         node: config::Node {
-            id: node.id.clone(),
+            // The proxy keeps its own id (bootstrap): one render serves
+            // every proxy of a group.
+            id: String::new(),
             service: node.service.clone(),
             namespace: node.namespace.clone(),
         },

@@ -1,6 +1,6 @@
 //! The control plane's server: HTTP/2 over TLS (port 15010).
 //!
-//! - `GET /v1/feed?node=ID&service=S&namespace=NS&address=IP&inbound=P&outbound=P&app=P`:
+//! - `GET /v1/feed?node=ID&service=S&namespace=NS&address=IP&inbound=P&outbound=P&app=P&ready=0|1`:
 //!   a long-lived stream of newline-delimited JSON messages, readable with
 //!   curl: `{"type":"snapshot","version":N,"config":{…}}`, and when only
 //!   endpoints changed `{"type":"endpoints","version":N,"clusters":{name:[…]}}`.
@@ -69,7 +69,10 @@ struct NodeEntry {
     /// Has applied a config: may receive traffic.
     ready: bool,
     draining: bool,
+    /// The last version sent, and the last one rendered (sent or not:
+    /// a version that changes nothing for this proxy is not sent).
     sent: u64,
+    seen: u64,
     last_ack: Option<Ack>,
     last_nack: Option<Nack>,
     /// Which stream is the live one (a reconnect replaces the entry).
@@ -95,7 +98,80 @@ pub struct ControlPlane {
     /// When each recent version was made, for the push latency.
     made_at: Mutex<VecDeque<(u64, Instant)>>,
     streams: std::sync::atomic::AtomicU64,
+    registrations_dirty: tokio::sync::Notify,
+    started: Instant,
+    /// The latest render per group of proxies with the same inputs.
+    renders: Mutex<HashMap<render::GroupKey, RenderSlot>>,
 }
+
+/// A group's latest render; locked while rendering, so a group renders once.
+type RenderSlot = Arc<Mutex<Option<Arc<Rendered>>>>;
+
+/// One proxy config rendered for one version, shared by every proxy of its
+/// group (the replicas of a workload render the same config): the control
+/// plane's memory and CPU grow with workloads, not with pods.
+pub struct Rendered {
+    version: u64,
+    config: crate::config::Config,
+    /// The snapshot message, serialized once.
+    snapshot: Bytes,
+    /// What changed since the group's previous render (its version).
+    since: Option<(u64, Change)>,
+}
+
+/// What a proxy at the previous render must be sent.
+enum Change {
+    Nothing,
+    Endpoints(Bytes),
+    Snapshot,
+}
+
+#[derive(Serialize)]
+struct SnapshotMsg<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    version: u64,
+    config: &'a crate::config::Config,
+}
+
+#[derive(Serialize)]
+struct EndpointsMsg<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    version: u64,
+    clusters: BTreeMap<&'a str, &'a Vec<crate::config::Endpoint>>,
+}
+
+fn line<T: Serialize>(msg: &T) -> Bytes {
+    let mut v = serde_json::to_vec(msg).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// From `prev` to `next`: nothing, endpoints only, or a whole snapshot.
+fn change(prev: &crate::config::Config, next: &crate::config::Config, version: u64) -> Change {
+    if prev == next {
+        return Change::Nothing;
+    }
+    if !same_but_endpoints(prev, next) {
+        return Change::Snapshot;
+    }
+    let clusters = next
+        .clusters
+        .iter()
+        .zip(&prev.clusters)
+        .filter(|(a, b)| a.endpoints != b.endpoints)
+        .map(|(a, _)| (a.name.as_str(), &a.endpoints))
+        .collect();
+    Change::Endpoints(line(&EndpointsMsg {
+        kind: "endpoints",
+        version,
+        clusters,
+    }))
+}
+
+const REGISTRATION_DEBOUNCE: Duration = Duration::from_millis(100);
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -136,6 +212,9 @@ impl ControlPlane {
             grace,
             made_at: Mutex::new(VecDeque::new()),
             streams: Default::default(),
+            renders: Mutex::new(HashMap::new()),
+            registrations_dirty: tokio::sync::Notify::new(),
+            started: Instant::now(),
         })
     }
 
@@ -157,6 +236,23 @@ impl ControlPlane {
             "mesh model applied"
         );
         true
+    }
+
+    /// Registrations come in bursts (a rollout, every proxy reconnecting
+    /// to a restarted control plane): one version per burst, at most
+    /// `REGISTRATION_DEBOUNCE` after its first change, instead of a render
+    /// and a push to every proxy per registration. Model changes are not
+    /// delayed.
+    fn registrations_changed(&self) {
+        self.registrations_dirty.notify_one();
+    }
+
+    async fn debounce_registrations(self: Arc<Self>) {
+        loop {
+            self.registrations_dirty.notified().await;
+            tokio::time::sleep(REGISTRATION_DEBOUNCE).await;
+            self.bump(None);
+        }
     }
 
     /// A new version: a new model, or new registrations with the same one.
@@ -378,7 +474,7 @@ impl ControlPlane {
                     (Method::GET, "/v1/nodes") => json(StatusCode::OK, &self.nodes_json()),
                     (Method::GET, "/v1/feed") => self.feed(id, &parts.uri),
                     (Method::POST, "/v1/ack") => self.ack(id, &body),
-                    (Method::POST, "/v1/drain") => self.drain(id, &parts.uri),
+                    (Method::POST, "/v1/drain") => self.drain(id, &parts.uri).await,
                     (Method::POST, "/v1/certificate") => self.certificate(id, &body),
                     _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
                 }
@@ -428,6 +524,10 @@ impl ControlPlane {
             .streams
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
+        // A proxy that reconnects while serving a config (this replica
+        // restarted, or another one died) is an endpoint from the start:
+        // its callers must not lose it while it waits for a push.
+        let serving = get("ready") == "1";
         {
             let mut nodes = self.nodes.lock();
             let (last_ack, last_nack) = nodes
@@ -440,9 +540,10 @@ impl ControlPlane {
                     node: node.clone(),
                     connected: true,
                     connected_since: unix_now(),
-                    ready: false,
+                    ready: serving,
                     draining: false,
                     sent: 0,
+                    seen: 0,
                     last_ack,
                     last_nack,
                     stream,
@@ -450,7 +551,10 @@ impl ControlPlane {
             );
         }
         metrics().cp_connected.inc();
-        tracing::info!(node = %node_id, identity = %node.identity, "proxy subscribed");
+        if serving && node.inbound_port > 0 {
+            self.registrations_changed();
+        }
+        tracing::info!(node = %node_id, identity = %node.identity, serving, "proxy subscribed");
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(self.stream_node(node, stream, tx));
         let mut r = Response::new(Stream { rx }.boxed());
@@ -461,39 +565,83 @@ impl ControlPlane {
         r
     }
 
-    /// Renders and sends the node's config whenever the model or the
-    /// registrations change, until the proxy goes away.
+    /// The group's render for `state`, made once for the whole group.
+    fn rendered(&self, node: &Node, state: &State) -> Arc<Rendered> {
+        let slot = self
+            .renders
+            .lock()
+            .entry(node.group_key())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock();
+        if let Some(r) = slot.as_ref().filter(|r| r.version == state.version) {
+            return r.clone();
+        }
+        let regs = self.registrations();
+        let config = render::render(&state.mesh, &regs, node, &self.settings);
+        let since = slot
+            .as_ref()
+            .map(|p| (p.version, change(&p.config, &config, state.version)));
+        let snapshot = line(&SnapshotMsg {
+            kind: "snapshot",
+            version: state.version,
+            config: &config,
+        });
+        let r = Arc::new(Rendered {
+            version: state.version,
+            config,
+            snapshot,
+            since,
+        });
+        *slot = Some(r.clone());
+        r
+    }
+
+    /// Sends the node's config whenever the model or the registrations
+    /// change, until the proxy goes away.
     async fn stream_node(self: Arc<Self>, node: Node, stream: u64, tx: mpsc::Sender<Bytes>) {
+        // A control plane that just started does not know yet which
+        // proxies are alive: for one grace period it lets the serving ones
+        // re-register before pushing endpoint sets that would miss them.
+        tokio::select! {
+            _ = tokio::time::sleep_until(self.started + self.grace) => {}
+            _ = tx.closed() => {}
+        }
         let mut rx = self.state.subscribe();
-        let mut last: Option<crate::config::Config> = None;
+        let mut last: Option<Arc<Rendered>> = None;
         loop {
             let state = rx.borrow_and_update().clone();
-            let regs = self.registrations();
-            let config = render::render(&state.mesh, &regs, &node, &self.settings);
+            let r = self.rendered(&node, &state);
             let msg = match &last {
-                Some(prev) if *prev == config => None,
-                Some(prev) if same_but_endpoints(prev, &config) => {
-                    let clusters: BTreeMap<&str, &Vec<crate::config::Endpoint>> = config
-                        .clusters
-                        .iter()
-                        .zip(&prev.clusters)
-                        .filter(|(a, b)| a.endpoints != b.endpoints)
-                        .map(|(a, _)| (a.name.as_str(), &a.endpoints))
-                        .collect();
-                    metrics().cp_pushes.with_label_values(&["endpoints"]).inc();
-                    Some(
-                        serde_json::json!({ "type": "endpoints", "version": state.version, "clusters": clusters }),
-                    )
-                }
-                _ => {
-                    metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
-                    Some(
-                        serde_json::json!({ "type": "snapshot", "version": state.version, "config": config }),
-                    )
+                None => Some(r.snapshot.clone()),
+                Some(prev) => {
+                    let computed;
+                    let c = match &r.since {
+                        Some((v, c)) if *v == prev.version => c,
+                        // This proxy is behind its group: compare itself.
+                        _ => {
+                            computed = change(&prev.config, &r.config, r.version);
+                            &computed
+                        }
+                    };
+                    match c {
+                        Change::Nothing => None,
+                        Change::Endpoints(b) => {
+                            metrics().cp_pushes.with_label_values(&["endpoints"]).inc();
+                            Some(b.clone())
+                        }
+                        Change::Snapshot => {
+                            metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
+                            Some(r.snapshot.clone())
+                        }
+                    }
                 }
             };
-            if let Some(m) = msg {
-                let bytes = Bytes::from(m.to_string() + "\n");
+            if last.is_none() {
+                metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
+            }
+            let sending = msg.is_some();
+            if let Some(bytes) = msg {
                 // At most one message waits for a slow reader; newer
                 // versions coalesce into the next render.
                 let sent = tokio::select! {
@@ -503,21 +651,25 @@ impl ControlPlane {
                 if !sent {
                     break;
                 }
-                if let Some(e) = self
-                    .nodes
-                    .lock()
-                    .get_mut(&node.id)
-                    .filter(|e| e.stream == stream)
-                {
+            }
+            if let Some(e) = self
+                .nodes
+                .lock()
+                .get_mut(&node.id)
+                .filter(|e| e.stream == stream)
+            {
+                if sending {
                     e.sent = state.version;
                 }
-                last = Some(config);
+                e.seen = state.version;
             }
+            last = Some(r);
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 _ = tx.closed() => break,
             }
         }
+        drop(last);
         self.disconnected(&node.id, stream).await;
     }
 
@@ -545,13 +697,17 @@ impl ControlPlane {
                 let gone = nodes
                     .get(&id)
                     .is_some_and(|e| e.stream == stream && !e.connected);
-                if gone {
-                    nodes.remove(&id);
+                if gone && let Some(e) = nodes.remove(&id) {
+                    // The group's render goes with its last proxy.
+                    let key = e.node.group_key();
+                    if !nodes.values().any(|x| x.node.group_key() == key) {
+                        me.renders.lock().remove(&key);
+                    }
                 }
                 gone
             };
             if removed && was_endpoint {
-                me.bump(None);
+                me.registrations_changed();
             }
         });
     }
@@ -601,12 +757,16 @@ impl ControlPlane {
         }
         if newly_ready {
             // A new endpoint for its service's callers.
-            self.bump(None);
+            self.registrations_changed();
         }
         json(StatusCode::OK, &serde_json::json!({ "ok": true }))
     }
 
-    fn drain(self: Arc<Self>, id: SpiffeId, uri: &http::Uri) -> Response<Body> {
+    /// A proxy is stopping: it leaves its service's endpoints at once (not
+    /// debounced), and the answer waits until every connected proxy has
+    /// acked a config without it (at most `DRAIN_WAIT`), so that when the
+    /// proxy closes its listeners no caller still sends to it.
+    async fn drain(self: Arc<Self>, id: SpiffeId, uri: &http::Uri) -> Response<Body> {
         let q = query(uri);
         let node = q.get("node").cloned().unwrap_or_default();
         let changed = {
@@ -624,8 +784,24 @@ impl ControlPlane {
         if changed {
             tracing::info!(node, "proxy draining; removed from its service's endpoints");
             self.bump(None);
+            let v = self.version();
+            let deadline = Instant::now() + DRAIN_WAIT;
+            while Instant::now() < deadline && !self.all_acked(v, &node) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         json(StatusCode::OK, &serde_json::json!({ "ok": true }))
+    }
+
+    /// Whether every connected proxy but `except` has version `v` (acked,
+    /// or not sent because nothing changed for it).
+    fn all_acked(&self, v: u64, except: &str) -> bool {
+        self.nodes.lock().iter().all(|(id, e)| {
+            id == except
+                || !e.connected
+                || (e.seen >= v
+                    && (e.sent < v || e.last_ack.as_ref().is_some_and(|a| a.version >= e.sent)))
+        })
     }
 
     fn certificate(self: Arc<Self>, id: SpiffeId, body: &Bytes) -> Response<Body> {
@@ -720,6 +896,7 @@ pub async fn serve(
         .map_err(|source| ServeError::Bind { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(cp.clone().debounce_registrations());
     tokio::spawn(async move {
         let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(
             TokioExecutor::new(),

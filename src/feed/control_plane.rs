@@ -351,6 +351,18 @@ impl FeedClient {
     /// The bootstrap keeps what is the proxy's own (admin, identity, feed);
     /// the control plane's document brings the rest.
     fn merge(&self, mut c: Config) -> Config {
+        // The node is the proxy's own; the control plane only fills in what
+        // the bootstrap left out (its service, namespace).
+        let mine = &self.bootstrap.node;
+        if !mine.id.is_empty() {
+            c.node.id = mine.id.clone();
+        }
+        if !mine.service.is_empty() {
+            c.node.service = mine.service.clone();
+        }
+        if !mine.namespace.is_empty() {
+            c.node.namespace = mine.namespace.clone();
+        }
         c.admin = self.bootstrap.admin.clone();
         c.identity = self.bootstrap.identity.clone();
         c.feed = self.bootstrap.feed.clone();
@@ -395,14 +407,15 @@ impl FeedClient {
         let f = &self.feed;
         let n = &self.bootstrap.node;
         let q = format!(
-            "/v1/feed?node={}&namespace={}&service={}&address={}&inbound={}&outbound={}&app={}",
+            "/v1/feed?node={}&namespace={}&service={}&address={}&inbound={}&outbound={}&app={}&ready={}",
             n.id,
             n.namespace,
             n.service,
             f.address.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
             f.inbound_port,
             f.outbound_port,
-            f.app_port
+            f.app_port,
+            u8::from(self.current.lock().is_some()),
         );
         let resp = sender
             .send_request(self.request(http::Method::GET, url, &q, Bytes::new()))
@@ -518,20 +531,35 @@ impl FeedClient {
     /// Tells the control plane this proxy is stopping: its callers stop
     /// getting it before its listeners close.
     pub async fn drain(&self) {
-        let url = self.feed.control_plane.first().cloned().unwrap_or_default();
-        let Ok(mut sender) = self.connect(&url).await else {
-            return;
-        };
+        // The replica in use first, then the others: a dead first replica
+        // must not keep callers sending to a stopping proxy.
+        let n = self.feed.control_plane.len();
+        let start = self
+            .next_url
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .wrapping_sub(1);
         let q = format!("/v1/drain?node={}", self.bootstrap.node.id);
-        if let Ok(Ok(resp)) = tokio::time::timeout(
-            Duration::from_secs(2),
-            sender.send_request(self.request(http::Method::POST, &url, &q, Bytes::new())),
-        )
-        .await
-        {
-            let _ = resp.into_body().collect().await;
-            tracing::info!("deregistered from the control plane");
+        for k in 0..n {
+            let url = &self.feed.control_plane[start.wrapping_add(k) % n];
+            let Ok(Ok(mut sender)) =
+                tokio::time::timeout(Duration::from_secs(1), self.connect(url)).await
+            else {
+                continue;
+            };
+            if let Ok(Ok(resp)) = tokio::time::timeout(
+                Duration::from_secs(3),
+                sender.send_request(self.request(http::Method::POST, url, &q, Bytes::new())),
+            )
+            .await
+            {
+                let _ = resp.into_body().collect().await;
+                tracing::info!(%url, "deregistered from the control plane");
+                return;
+            }
         }
+        tracing::warn!(
+            "no control plane answered the drain; callers drop this proxy after the grace period"
+        );
     }
 
     fn cache_snapshot(&self) {
