@@ -655,6 +655,8 @@ async fn a_feed_client_that_never_reads_costs_the_control_plane_nothing() {
     let m = Mesh::new(&["web"]);
     m.write("services.yaml", &service("orders"));
     let cp = m.control_plane(&[]);
+    // The first model is in: the next write is the next version.
+    cp.wait_log(|l| l.contains("mesh model applied"));
     // A client that subscribes and never reads a byte.
     let stalled = std::process::Command::new("curl")
         .args([
