@@ -307,7 +307,11 @@ impl ControlPlane {
                         "connected_since": e.connected_since,
                         "ready": e.ready,
                         "draining": e.draining,
+                        // The last version sent; `current` is the model
+                        // version its config is up to date with (a version
+                        // that changes nothing for a proxy is not sent).
                         "version": e.sent,
+                        "current": e.seen,
                         "last_ack": e.last_ack,
                         "last_nack": e.last_nack,
                     })

@@ -114,3 +114,16 @@ impl Source for DirSource {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_example_mesh_in_config_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mesh");
+        let docs = super::read_dir_docs(&dir);
+        assert!(!docs.is_empty());
+        let mesh = super::parse_docs(&docs).unwrap_or_else(|e| panic!("{e:?}"));
+        mesh.validate().unwrap();
+        assert_eq!(mesh.services.len(), 4);
+    }
+}
