@@ -607,6 +607,18 @@ async fn nobody_gets_a_certificate_or_a_feed_for_another_identity() {
     std::fs::write(&csr, "{ not json").unwrap();
     let (code, _) = post("/v1/ack", &token_for("web"), &csr);
     assert_eq!(code, 400);
+    // Every refusal is counted by kind.
+    for reason in ["unauthenticated", "forbidden", "bad-request"] {
+        assert!(
+            cp_metric(
+                &cp,
+                "outrigger_cp_refused_total",
+                &[&format!("reason=\"{reason}\"")]
+            )
+            .is_some_and(|v| v >= 1.0),
+            "{reason} not counted"
+        );
+    }
     assert!(
         cp_metric(
             &cp,
@@ -795,4 +807,12 @@ async fn the_kubernetes_source_follows_the_api_server() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    assert!(
+        cp_metric(
+            &cp,
+            "outrigger_cp_refused_total",
+            &["reason=\"unauthenticated\""]
+        )
+        .is_some_and(|v| v >= 1.0)
+    );
 }

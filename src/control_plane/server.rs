@@ -460,29 +460,50 @@ impl ControlPlane {
                 r
             }
             _ => {
-                let id = self.identify(peer.as_ref(), &req).await;
-                let (parts, body) = req.into_parts();
-                // Bodies are small (a CSR, an ack): read whole, bounded, and
-                // before any answer, so that an early refusal is not a reset.
-                let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "a body over 64 KiB"),
+                let r = self.clone().api(peer, req).await;
+                // Every refusal counted, by kind: a token that fails review,
+                // a feed or ack for someone else, a garbled body.
+                let reason = match r.status() {
+                    StatusCode::UNAUTHORIZED => Some("unauthenticated"),
+                    StatusCode::FORBIDDEN => Some("forbidden"),
+                    s if s.is_client_error() => Some("bad-request"),
+                    _ => None,
                 };
-                let Some(id) = id else {
-                    return error(
-                        StatusCode::UNAUTHORIZED,
-                        "present a client certificate or a bearer token",
-                    );
-                };
-                match (parts.method.clone(), parts.uri.path()) {
-                    (Method::GET, "/v1/nodes") => json(StatusCode::OK, &self.nodes_json()),
-                    (Method::GET, "/v1/feed") => self.feed(id, &parts.uri),
-                    (Method::POST, "/v1/ack") => self.ack(id, &body),
-                    (Method::POST, "/v1/drain") => self.drain(id, &parts.uri).await,
-                    (Method::POST, "/v1/certificate") => self.certificate(id, &body),
-                    _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+                if let Some(reason) = reason {
+                    metrics().cp_refused.with_label_values(&[reason]).inc();
                 }
+                r
             }
+        }
+    }
+
+    /// The authenticated API: who asks first, then what.
+    async fn api(
+        self: Arc<Self>,
+        peer: Option<SpiffeId>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let id = self.identify(peer.as_ref(), &req).await;
+        let (parts, body) = req.into_parts();
+        // Bodies are small (a CSR, an ack): read whole, bounded, and
+        // before any answer, so that an early refusal is not a reset.
+        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "a body over 64 KiB"),
+        };
+        let Some(id) = id else {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "present a client certificate or a bearer token",
+            );
+        };
+        match (parts.method.clone(), parts.uri.path()) {
+            (Method::GET, "/v1/nodes") => json(StatusCode::OK, &self.nodes_json()),
+            (Method::GET, "/v1/feed") => self.feed(id, &parts.uri),
+            (Method::POST, "/v1/ack") => self.ack(id, &body),
+            (Method::POST, "/v1/drain") => self.drain(id, &parts.uri).await,
+            (Method::POST, "/v1/certificate") => self.certificate(id, &body),
+            _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
 

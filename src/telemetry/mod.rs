@@ -46,6 +46,7 @@ pub struct Metrics {
     pub cp_acks: IntCounterVec,
     pub cp_push_latency: prometheus::Histogram,
     pub cp_certificates: IntCounterVec,
+    pub cp_refused: IntCounterVec,
     pub cp_model_updates: IntCounterVec,
     pub cp_model_version: IntGauge,
 }
@@ -193,6 +194,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Certificate requests, by result (issued, refused).",
         &["result"],
     )?;
+    let cp_refused = counter(
+        "outrigger_cp_refused_total",
+        "Control-plane API requests refused, by reason (unauthenticated, forbidden, bad-request).",
+        &["reason"],
+    )?;
     let cp_model_updates = counter(
         "outrigger_cp_model_updates_total",
         "Mesh model updates, by result (applied, invalid).",
@@ -304,6 +310,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cp_acks,
         cp_push_latency,
         cp_certificates,
+        cp_refused,
         cp_model_updates,
         cp_model_version,
     })
