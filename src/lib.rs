@@ -12,6 +12,7 @@ pub mod demo;
 pub mod error;
 pub mod feed;
 pub mod http_util;
+pub mod inject;
 pub mod policy;
 pub mod proxy;
 pub mod route;

@@ -33,11 +33,25 @@ struct Common {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Cmd {
     /// Run the proxy (sidecar or gateway) on a config file.
     Run {
-        #[arg(long, env = "OUTRIGGER_CONFIG")]
-        config: PathBuf,
+        #[arg(
+            long,
+            env = "OUTRIGGER_CONFIG",
+            required_unless_present = "config_yaml"
+        )]
+        config: Option<PathBuf>,
+        /// The config itself instead of a file (what an injected sidecar
+        /// gets: its bootstrap, filled in by the kubelet); not watched.
+        #[arg(
+            long,
+            env = "OUTRIGGER_CONFIG_YAML",
+            conflicts_with = "config",
+            hide_env_values = true
+        )]
+        config_yaml: Option<String>,
         /// How often the config file is checked for changes.
         #[arg(long, env = "OUTRIGGER_WATCH_INTERVAL", default_value = "1s", value_parser = dur)]
         watch_interval: Duration,
@@ -97,8 +111,35 @@ enum Cmd {
         /// Print the CustomResourceDefinitions of the own kinds and exit.
         #[arg(long)]
         print_crds: bool,
+        /// Serve the injection webhook (`POST /inject`) here, over HTTPS
+        /// with --webhook-cert and --webhook-key.
+        #[arg(long, env = "OUTRIGGER_WEBHOOK_LISTEN", requires_all = ["webhook_cert", "webhook_key"])]
+        webhook_listen: Option<std::net::SocketAddr>,
+        #[arg(long, env = "OUTRIGGER_WEBHOOK_CERT")]
+        webhook_cert: Option<PathBuf>,
+        #[arg(long, env = "OUTRIGGER_WEBHOOK_KEY")]
+        webhook_key: Option<PathBuf>,
+        /// Injection settings for the webhook (the chart's `inject.yaml`).
+        #[arg(long, env = "OUTRIGGER_INJECT_CONFIG")]
+        inject_config: Option<PathBuf>,
         #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info")]
         log_level: String,
+    },
+    /// Add the sidecar to Kubernetes YAML (Pods, Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets, Jobs, CronJobs, Lists): reads FILE or stdin,
+    /// writes the result to stdout; other documents pass unchanged.
+    Inject {
+        /// The YAML to inject (`-` or absent: stdin).
+        #[arg(short = 'f', long = "filename")]
+        file: Option<PathBuf>,
+        /// Injection settings (image, control plane, CA, resources, ports):
+        /// the chart's `inject.yaml`.
+        #[arg(long, env = "OUTRIGGER_INJECT_CONFIG")]
+        inject_config: Option<PathBuf>,
+        /// A classic sidecar (first container) instead of a native one
+        /// (Kubernetes before 1.29).
+        #[arg(long)]
+        classic: bool,
     },
     /// A developer CA for local mTLS: `ca init DIR`, `ca issue --spiffe ID`.
     Ca {
@@ -135,6 +176,49 @@ enum CaCmd {
     },
 }
 
+/// `outrigger inject`: all or nothing; on any error exit 1 and write
+/// nothing.
+fn inject(file: Option<PathBuf>, settings: Option<PathBuf>, classic: bool) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut s = match outrigger::inject::Settings::load(settings.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if classic {
+        s.native = false;
+    }
+    let (name, text) = match file.filter(|f| f.as_os_str() != "-") {
+        Some(f) => match std::fs::read_to_string(&f) {
+            Ok(t) => (f.display().to_string(), t),
+            Err(e) => {
+                eprintln!("error: {}: {e}", f.display());
+                return ExitCode::from(1);
+            }
+        },
+        None => {
+            let mut t = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut t) {
+                eprintln!("error: stdin: {e}");
+                return ExitCode::from(1);
+            }
+            ("stdin".to_string(), t)
+        }
+    };
+    match outrigger::inject::inject_yaml(&text, &s) {
+        Ok(out) => {
+            let _ = std::io::stdout().write_all(out.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {name}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn dur(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
@@ -168,10 +252,33 @@ fn main() -> ExitCode {
         },
         Cmd::Run {
             config,
+            config_yaml,
             watch_interval,
             common,
         } => {
             outrigger::telemetry::init_logs(&common.log_level);
+            let opts = Options {
+                threads: common.threads.unwrap_or_else(run::default_threads),
+                drain_timeout: common.drain_timeout,
+                watch_interval,
+            };
+            let config = match (config, config_yaml) {
+                (Some(c), _) => c,
+                (None, Some(text)) => {
+                    let from = PathBuf::from("$OUTRIGGER_CONFIG_YAML");
+                    return match Config::from_yaml(&text) {
+                        Ok(c) => block_on(&opts, run::serve(c, None, &opts)),
+                        Err(e) => {
+                            report(&from, &LoadError::Invalid(e));
+                            ExitCode::from(1)
+                        }
+                    };
+                }
+                (None, None) => {
+                    eprintln!("error: --config FILE or OUTRIGGER_CONFIG_YAML");
+                    return ExitCode::from(2);
+                }
+            };
             let bytes = match std::fs::read(&config) {
                 Ok(b) => b,
                 Err(source) => {
@@ -192,14 +299,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let opts = Options {
-                threads: common.threads.unwrap_or_else(run::default_threads),
-                drain_timeout: common.drain_timeout,
-                watch_interval,
-            };
             block_on(&opts, run::serve(parsed, Some((config, bytes)), &opts))
         }
         Cmd::Ca { cmd } => ca(cmd),
+        Cmd::Inject {
+            file,
+            inject_config,
+            classic,
+        } => inject(file, inject_config, classic),
         Cmd::ControlPlane {
             mesh_dir,
             kubernetes,
@@ -215,6 +322,10 @@ fn main() -> ExitCode {
             no_mtls,
             watch_interval,
             print_crds,
+            webhook_listen,
+            webhook_cert,
+            webhook_key,
+            inject_config,
             log_level,
         } => {
             if print_crds {
@@ -247,6 +358,12 @@ fn main() -> ExitCode {
                     grace,
                     mtls: !no_mtls,
                     watch_interval,
+                    webhook: webhook_listen.map(|listen| outrigger::control_plane::Webhook {
+                        listen,
+                        cert: webhook_cert.unwrap_or_default(),
+                        key: webhook_key.unwrap_or_default(),
+                        inject_config: inject_config.clone(),
+                    }),
                 }),
             )
         }

@@ -1,6 +1,8 @@
 //! The admin server (`/config`, `/clusters`, `/metrics`, `POST /shutdown`,
 //! loopback only) and the probe server (`/ready`, `/live`, `/metrics`).
 
+mod app_probe;
+
 use crate::proxy::Proxy;
 use crate::telemetry;
 use bytes::Bytes;
@@ -97,9 +99,17 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
             let state = state.clone();
             let builder = builder.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(kind, &state, req)) }
+                    async move {
+                        if kind == Kind::Probes
+                            && req.method() == Method::GET
+                            && let Some(probe) = app_probe(&state, req.uri().path())
+                        {
+                            return Ok(app_probe::check(&probe, &req).await);
+                        }
+                        Ok::<_, std::convert::Infallible>(handle(kind, &state, req))
+                    }
                 });
                 let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                 drop(slot);
@@ -108,6 +118,15 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
     });
     tracing::info!(?kind, address = %bound, "admin server listening");
     Ok(bound)
+}
+
+/// The app probe the config lists at `path`, if any.
+fn app_probe(state: &State, path: &str) -> Option<crate::config::AppProbe> {
+    if !path.starts_with("/app-health/") {
+        return None;
+    }
+    let p = state.proxy.get()?;
+    p.snapshot().config.admin.app_probes.get(path).cloned()
 }
 
 /// A loopback host (`localhost`, `127.x.y.z`, `[::1]`, any port).

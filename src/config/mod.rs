@@ -15,6 +15,7 @@ pub use policy::*;
 pub use security::*;
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -63,6 +64,20 @@ pub struct Admin {
     /// Probe server: `/ready`, `/live`, `/metrics`.
     #[serde(default = "default_probes_address")]
     pub probes: SocketAddr,
+    /// The app's own HTTP probes, answered on the probe port by asking the
+    /// app on loopback: behind strict mTLS the kubelet cannot reach the
+    /// app's port (injection rewrites the pod's probes to these paths).
+    /// Only these exact paths are forwarded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_probes: BTreeMap<String, AppProbe>,
+}
+
+/// One app probe: `GET http://127.0.0.1:<port><path>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppProbe {
+    pub port: u16,
+    pub path: String,
 }
 
 fn default_admin_address() -> SocketAddr {
@@ -77,6 +92,7 @@ impl Default for Admin {
         Admin {
             address: default_admin_address(),
             probes: default_probes_address(),
+            app_probes: BTreeMap::new(),
         }
     }
 }
@@ -641,6 +657,20 @@ impl Config {
                 "admin.address".into(),
                 "the admin server must bind a loopback address".into(),
             );
+        }
+        for (path, p) in &self.admin.app_probes {
+            if !path.starts_with("/app-health/") {
+                err(
+                    format!("admin.app_probes.{path}"),
+                    "app probe paths start with /app-health/".into(),
+                );
+            }
+            if p.port == 0 || !p.path.starts_with('/') || p.path.parse::<http::Uri>().is_err() {
+                err(
+                    format!("admin.app_probes.{path}"),
+                    "a probe is { port: 1-65535, path: /absolute }".into(),
+                );
+            }
         }
 
         if self.listeners.is_empty() && self.feed.is_none() {

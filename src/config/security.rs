@@ -196,6 +196,12 @@ pub(super) fn validate_security(c: &super::Config, errs: &mut Vec<FieldError>) {
                 format!("`{id}` is not a SPIFFE ID"),
             );
         }
+        if f.ca.is_some() == f.ca_pem.is_some() {
+            err(
+                "feed.ca".into(),
+                "name the control plane's CA: ca (a file) or ca_pem (the PEM), one of them".into(),
+            );
+        }
         if f.inbound_port > 0 && f.app_port == 0 {
             err(
                 "feed.app_port".into(),
@@ -352,8 +358,12 @@ pub struct Feed {
     /// One or more control-plane replicas (`https://host:15010`); a proxy
     /// whose control plane dies moves to the next.
     pub control_plane: Vec<String>,
-    /// The trust bundle the control plane's certificate must chain to.
-    pub ca: PathBuf,
+    /// The trust bundle the control plane's certificate must chain to: a
+    /// file, or the PEM itself (what injection writes into a pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     /// The control plane's SPIFFE ID (default: spiffe://<trust domain>/ns/outrigger/sa/control-plane).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane_identity: Option<String>,

@@ -37,6 +37,15 @@ pub struct Options {
     pub grace: Duration,
     pub mtls: bool,
     pub watch_interval: Duration,
+    pub webhook: Option<Webhook>,
+}
+
+/// The injection webhook's listener and certificate.
+pub struct Webhook {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub inject_config: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +60,8 @@ pub enum RunError {
     NoSource,
     #[error("kubernetes: {0}")]
     Kube(String),
+    #[error("webhook: {0}")]
+    Webhook(String),
 }
 
 #[derive(serde::Deserialize)]
@@ -124,6 +135,13 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         publisher.set_mesh(mesh, origin)
     })));
     server::serve(cp, opts.listen, tls).await?;
+    if let Some(w) = &opts.webhook {
+        let settings = crate::inject::Settings::load(w.inject_config.as_deref())
+            .map_err(|e| RunError::Webhook(e.to_string()))?;
+        crate::inject::webhook::serve(w.listen, &w.cert, &w.key, Arc::new(settings))
+            .await
+            .map_err(RunError::Webhook)?;
+    }
     wait_for_signal().await;
     tracing::info!("control plane stopping");
     Ok(())

@@ -802,7 +802,8 @@ spec:
         let mut merged = c.clone();
         merged.feed = Some(crate::config::Feed {
             control_plane: vec!["https://127.0.0.1:1".into()],
-            ca: "/x".into(),
+            ca: Some("/x".into()),
+            ca_pem: None,
             control_plane_identity: None,
             token_file: None,
             service_account: "orders".into(),
@@ -823,7 +824,8 @@ spec:
         let mut merged = web.clone();
         merged.feed = Some(crate::config::Feed {
             control_plane: vec!["https://127.0.0.1:1".into()],
-            ca: "/x".into(),
+            ca: Some("/x".into()),
+            ca_pem: None,
             control_plane_identity: None,
             token_file: None,
             service_account: "web".into(),

@@ -76,19 +76,28 @@ impl FeedClient {
             None => SpiffeId::workload(&trust_domain, "outrigger", "control-plane"),
         }
         .map_err(|e| FeedError::Identity(e.to_string()))?;
-        let ca = std::fs::read(&feed.ca)
-            .map_err(|e| FeedError::File(feed.ca.display().to_string(), e.to_string()))?;
+        let (ca_name, ca) = match (&feed.ca, &feed.ca_pem) {
+            (Some(path), _) => (
+                path.display().to_string(),
+                std::fs::read(path)
+                    .map_err(|e| FeedError::File(path.display().to_string(), e.to_string()))?,
+            ),
+            (None, Some(pem)) => ("feed.ca_pem".to_string(), pem.as_bytes().to_vec()),
+            (None, None) => {
+                return Err(FeedError::File(
+                    "feed.ca".into(),
+                    "no CA for the control plane".into(),
+                ));
+            }
+        };
         let mut roots = Vec::new();
         for der in rustls::pki_types::CertificateDer::pem_slice_iter(&ca).filter_map(Result::ok) {
             let a = webpki::anchor_from_trusted_cert(&der)
-                .map_err(|e| FeedError::File(feed.ca.display().to_string(), e.to_string()))?;
+                .map_err(|e| FeedError::File(ca_name.clone(), e.to_string()))?;
             roots.push(a.to_owned());
         }
         if roots.is_empty() {
-            return Err(FeedError::File(
-                feed.ca.display().to_string(),
-                "no PEM certificate in it".into(),
-            ));
+            return Err(FeedError::File(ca_name, "no PEM certificate in it".into()));
         }
         Ok(Arc::new(FeedClient {
             bootstrap: bootstrap.clone(),

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub cp_push_latency: prometheus::Histogram,
     pub cp_certificates: IntCounterVec,
     pub cp_refused: IntCounterVec,
+    pub cp_injections: IntCounterVec,
     pub cp_model_updates: IntCounterVec,
     pub cp_model_version: IntGauge,
 }
@@ -199,6 +200,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Control-plane API requests refused, by reason (unauthenticated, forbidden, bad-request).",
         &["reason"],
     )?;
+    let cp_injections = counter(
+        "outrigger_cp_injections_total",
+        "Admission reviews the injection webhook answered, by result (injected, skipped, refused, malformed).",
+        &["result"],
+    )?;
     let cp_model_updates = counter(
         "outrigger_cp_model_updates_total",
         "Mesh model updates, by result (applied, invalid).",
@@ -311,6 +317,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cp_push_latency,
         cp_certificates,
         cp_refused,
+        cp_injections,
         cp_model_updates,
         cp_model_version,
     })
