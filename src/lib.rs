@@ -13,6 +13,7 @@ pub mod error;
 pub mod feed;
 pub mod http_util;
 pub mod inject;
+pub mod intercept;
 pub mod policy;
 pub mod proxy;
 pub mod route;

@@ -141,6 +141,32 @@ enum Cmd {
         #[arg(long)]
         classic: bool,
     },
+    /// Install the pod's redirect rules (an init container with NET_ADMIN):
+    /// outbound TCP to the outbound port, inbound TCP to the inbound port,
+    /// the proxy's own UID, loopback and the excluded ports and CIDRs left
+    /// alone; IPv4 and IPv6, iptables with the nftables backend.
+    Init {
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// 0: inbound traffic is not redirected.
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        #[arg(long, value_delimiter = ',')]
+        exclude_inbound_ports: Vec<u16>,
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+        /// Address blocks the app reaches directly (e.g. 169.254.169.254/32).
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_cidrs: Vec<String>,
+        /// Take the rules out again.
+        #[arg(long)]
+        remove: bool,
+        /// Print the rules (iptables-restore input) instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A developer CA for local mTLS: `ca init DIR`, `ca issue --spiffe ID`.
     Ca {
         #[command(subcommand)]
@@ -302,6 +328,58 @@ fn main() -> ExitCode {
             block_on(&opts, run::serve(parsed, Some((config, bytes)), &opts))
         }
         Cmd::Ca { cmd } => ca(cmd),
+        Cmd::Init {
+            proxy_uid,
+            outbound_port,
+            inbound_port,
+            exclude_inbound_ports,
+            exclude_outbound_ports,
+            exclude_outbound_cidrs,
+            remove,
+            dry_run,
+        } => {
+            use outrigger::intercept::rules;
+            let cidrs: Result<Vec<_>, _> = exclude_outbound_cidrs
+                .iter()
+                .map(|c| rules::parse_cidr(c))
+                .collect();
+            let r = cidrs.map(|exclude_outbound_cidrs| rules::Rules {
+                proxy_uid,
+                outbound_port,
+                inbound_port,
+                exclude_inbound_ports,
+                exclude_outbound_ports,
+                exclude_outbound_cidrs,
+            });
+            let done = match (r, remove, dry_run) {
+                (Err(e), ..) => Err(e),
+                (Ok(r), false, true) => {
+                    print!(
+                        "# IPv4\n{}# IPv6\n{}",
+                        r.install_script(rules::Family::V4),
+                        r.install_script(rules::Family::V6)
+                    );
+                    Ok(())
+                }
+                (Ok(_), true, _) => rules::remove(),
+                (Ok(r), false, false) => rules::install(&r),
+            };
+            match done {
+                Ok(()) => {
+                    if !dry_run {
+                        eprintln!(
+                            "outrigger init: redirect rules {}",
+                            if remove { "removed" } else { "installed" }
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Inject {
             file,
             inject_config,

@@ -181,6 +181,11 @@ pub struct Listener {
     /// redirect to HTTPS on this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_https: Option<u16>,
+    /// Connections redirected here by `outrigger init`: HTTP the routes
+    /// know is proxied, anything else passes through opaque to where the
+    /// app sent it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub transparent: bool,
 }
 
 impl Listener {
@@ -208,6 +213,7 @@ impl Listener {
             error_detail: false,
             tls: None,
             redirect_https: None,
+            transparent: false,
         }
     }
 

@@ -95,6 +95,28 @@ fn cluster_name(ns: &str, name: &str, port: i32) -> String {
     format!("{name}.{ns}:{port}")
 }
 
+/// The Service's virtual addresses (not `None`: headless).
+fn cluster_ips(s: &Service) -> Vec<String> {
+    let spec = s.spec.as_ref();
+    let mut ips: Vec<String> = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+    if let Some(ip) = spec.and_then(|s| s.cluster_ip.clone())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips.retain(|ip| ip.parse::<IpAddr>().is_ok());
+    // IPv6 hosts are written in brackets.
+    ips.iter()
+        .map(|ip| {
+            if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.clone()
+            }
+        })
+        .collect()
+}
+
 /// The names a Service is called by: short names only from its namespace.
 fn hostnames(key: &Key, from_ns: &str, cluster_domain: &str) -> Vec<String> {
     let (ns, name) = key;
@@ -587,11 +609,14 @@ pub fn render(mesh: &Mesh, regs: &[Registration], node: &Node, set: &Settings) -
         }
     }
     if node.outbound_port > 0 {
-        c.listeners.push(listener(
+        let mut l = listener(
             "outbound",
             config::Role::Outbound,
             SocketAddr::new(IpAddr::from([127, 0, 0, 1]), node.outbound_port),
-        ));
+        );
+        // The app's connections arrive redirected (`outrigger init`).
+        l.transparent = true;
+        c.listeners.push(l);
     }
     // The services this proxy may call, their clusters and routes (none
     // without an outbound listener: a server-only workload).
@@ -608,7 +633,10 @@ pub fn render(mesh: &Mesh, regs: &[Registration], node: &Node, set: &Settings) -
         }
     }
     for (k, s) in &callable {
-        let hosts = hostnames(k, &node.namespace, &set.cluster_domain);
+        let mut hosts = hostnames(k, &node.namespace, &set.cluster_domain);
+        // An app that calls the Service's address (its ClusterIP) reaches
+        // the same routes.
+        hosts.extend(cluster_ips(s));
         let traffic = traffic_for(mesh, k);
         let attached = |kind: Option<&str>, name: &str, ns: Option<&str>, route_ns: &str| {
             kind == Some("Service") && name == k.1 && ns.unwrap_or(route_ns) == k.0

@@ -62,6 +62,8 @@ pub struct ListenerInfo {
     pub error_detail: bool,
     /// A plain gateway listener that redirects to HTTPS on this port.
     pub redirect_https: Option<u16>,
+    /// Takes connections redirected by `outrigger init` (see `intercept`).
+    pub transparent: bool,
     /// TLS on this listener (mTLS between sidecars, or gateway termination).
     pub tls: Option<Arc<ListenerTls>>,
     /// Label sets resolved once per listener, not per connection.
@@ -362,6 +364,7 @@ impl Proxy {
                 trust_request_id: l.trust_request_id,
                 error_detail: l.error_detail,
                 redirect_https: l.redirect_https,
+                transparent: l.transparent,
                 tls,
                 connections: metrics().connections.with_label_values(&[&l.name]),
                 connections_total: metrics().connections_total.with_label_values(&[&l.name]),
@@ -521,6 +524,33 @@ async fn serve_connection(
         gauge,
     };
     let _ = stream.set_nodelay(true);
+    if info.transparent
+        && let Some(dst) = crate::intercept::original_dst(&stream)
+    {
+        // Sent to the proxy's own port: passing it on would come back here.
+        if dst.port() == info.address.port() {
+            metrics()
+                .tcp_passthrough
+                .with_label_values(&[&info.name, "loop"])
+                .inc();
+            tracing::debug!(listener = %info.name, %peer, %dst, "redirect loop refused");
+            return;
+        }
+        let routed = |host: &str| {
+            info.shared
+                .snapshot
+                .load()
+                .listeners
+                .get(&info.name)
+                .is_some_and(|r| r.table.serves_host(host))
+        };
+        match crate::intercept::detect(&stream, routed).await {
+            crate::intercept::Protocol::Http => {}
+            crate::intercept::Protocol::Opaque(reason) => {
+                return crate::intercept::passthrough(stream, dst, &info.name, reason).await;
+            }
+        }
+    }
     let Some(tls) = info.tls.clone() else {
         return serve_http(stream, peer, info, builder, open, false, None).await;
     };

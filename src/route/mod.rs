@@ -67,6 +67,10 @@ struct HostGroup {
 }
 
 impl HostGroup {
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.regexes.is_empty() && self.prefixes.is_empty()
+    }
+
     fn lookup(
         &self,
         conds: &[Conditions],
@@ -245,6 +249,17 @@ impl RouteTable {
             }
         }
         self.any_host.lookup(conds, method, path, headers)
+    }
+
+    /// Whether any route may match `host` (any path, method or header).
+    pub fn serves_host(&self, host: &str) -> bool {
+        let host = strip_port(host).to_ascii_lowercase();
+        !self.any_host.is_empty()
+            || self.exact_hosts.contains_key(host.as_str())
+            || host
+                .bytes()
+                .enumerate()
+                .any(|(i, b)| b == b'.' && self.wildcard_hosts.contains_key(&host[i..]))
     }
 
     pub fn route(&self, id: RouteId) -> &RouteInfo {

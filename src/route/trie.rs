@@ -24,6 +24,10 @@ impl Default for Trie {
 }
 
 impl Trie {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.len() == 1 && self.nodes[0].routes.is_empty()
+    }
+
     pub fn insert(&mut self, prefix: &[u8], id: RouteId) {
         let mut at = 0usize;
         for &b in prefix {

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub cp_certificates: IntCounterVec,
     pub cp_refused: IntCounterVec,
     pub cp_injections: IntCounterVec,
+    pub tcp_passthrough: IntCounterVec,
+    pub tcp_bytes: IntCounterVec,
     pub cp_model_updates: IntCounterVec,
     pub cp_model_version: IntGauge,
 }
@@ -205,6 +207,16 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Admission reviews the injection webhook answered, by result (injected, skipped, refused, malformed).",
         &["result"],
     )?;
+    let tcp_passthrough = counter(
+        "outrigger_tcp_passthrough_total",
+        "Intercepted connections passed through opaque to their original destination, by reason (tls, server-first, http-unrouted, unknown, closed), or refused as a loop (loop).",
+        &["listener", "reason"],
+    )?;
+    let tcp_bytes = counter(
+        "outrigger_tcp_bytes_total",
+        "Bytes relayed by opaque passthrough, by direction (sent upstream, received from upstream).",
+        &["listener", "direction"],
+    )?;
     let cp_model_updates = counter(
         "outrigger_cp_model_updates_total",
         "Mesh model updates, by result (applied, invalid).",
@@ -318,6 +330,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cp_certificates,
         cp_refused,
         cp_injections,
+        tcp_passthrough,
+        tcp_bytes,
         cp_model_updates,
         cp_model_version,
     })

@@ -116,7 +116,7 @@ impl ProxyProc {
         )
     }
 
-    fn spawn(mut cmd: Command, config_path: PathBuf, ready: &str) -> ProxyProc {
+    pub fn spawn(mut cmd: Command, config_path: PathBuf, ready: &str) -> ProxyProc {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
