@@ -265,7 +265,7 @@ for k in ("tls.crt", "ca.crt"):
     open(f"{sys.argv[1]}.{k}", "wb").write(base64.b64decode(sec["data"][k]))
 
 inject = yaml.safe_load(d[("ConfigMap", "outrigger-inject")]["data"]["inject.yaml"])
-keys = ["image", "imagePullPolicy", "controlPlane", "caFile", "trustDomain", "native", "resources", "proxyUID",
+keys = ["image", "initImage", "imagePullPolicy", "controlPlane", "caFile", "trustDomain", "native", "resources", "proxyUID",
         "ports", "excludeInboundPorts", "excludeOutboundPorts", "excludeOutboundCIDRs"]
 expect(sorted(inject) == sorted(keys), f"inject.yaml keys: {sorted(inject)}")
 expect(inject["controlPlane"] == "https://outrigger-control-plane.outrigger.svc:15010", "inject controlPlane")

@@ -48,6 +48,9 @@ impl Default for Ports {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Settings {
     pub image: String,
+    /// The init container's image: it runs `outrigger init`, which needs
+    /// `iptables` (the proxy's own image is `scratch`).
+    pub init_image: String,
     pub image_pull_policy: String,
     pub control_plane: String,
     /// The mesh CA certificate the proxies trust the control plane by;
@@ -72,6 +75,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             image: format!("outrigger:{}", env!("CARGO_PKG_VERSION")),
+            init_image: format!("outrigger-init:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: "IfNotPresent".into(),
             control_plane: "https://outrigger-control-plane.outrigger.svc:15010".into(),
             ca_file: None,
@@ -601,7 +605,7 @@ fn init_container(s: &Settings, app_port: u16) -> Value {
     }
     json!({
         "name": INIT,
-        "image": s.image,
+        "image": s.init_image,
         "imagePullPolicy": s.image_pull_policy,
         "args": args,
         "resources": {

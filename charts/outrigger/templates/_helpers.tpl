@@ -37,6 +37,10 @@ app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 {{ .Values.sidecar.image.repository | default .Values.image.repository }}:{{ .Values.sidecar.image.tag | default .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{- define "outrigger.initImage" -}}
+{{ .Values.sidecar.initImage.repository }}:{{ .Values.sidecar.initImage.tag | default .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
 {{- define "outrigger.controlPlaneHost" -}}
 outrigger-control-plane.{{ .Release.Namespace }}.svc
 {{- end }}
