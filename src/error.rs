@@ -10,6 +10,9 @@ use std::time::Duration;
 
 pub const REASON: &str = "x-outrigger-reason";
 pub const ATTEMPTS: &str = "x-outrigger-attempts";
+/// The time the caller still waits, in milliseconds: told to the next hop
+/// and the app, so nobody works on a request nobody waits for.
+pub const EXPECTED_TIMEOUT: &str = "x-outrigger-expected-timeout-ms";
 pub const OVERLOADED: &str = "x-outrigger-overloaded";
 
 /// True for gRPC requests (`content-type: application/grpc*`).

@@ -42,6 +42,48 @@ pub struct Config {
     /// Config from a control plane: this document is then the bootstrap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feed: Option<Feed>,
+    /// Distributed tracing: trace context on every hop, spans to OTLP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// `tracing:` — W3C trace context (and B3) propagated on every hop, a
+/// trace started here when a request has none, one span per request
+/// exported over OTLP/HTTP (protobuf) when `otlp` is set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The collector's OTLP/HTTP traces endpoint (`http://host:4318/v1/traces`);
+    /// absent: context is propagated, no span is exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<String>,
+    /// Head sampling of the traces this proxy starts (0.0 to 1.0); a
+    /// caller's sampled flag is honoured. A listener may override it.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// Spans waiting for export at most; more are dropped and counted.
+    #[serde(default = "default_trace_queue")]
+    pub max_queue: usize,
+    #[serde(default = "default_trace_batch")]
+    pub max_batch: usize,
+    #[serde(default = "default_trace_flush")]
+    pub flush_interval: Dur,
+    /// `service.name` of the spans (default: the node's service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+}
+
+fn default_sampling() -> f64 {
+    1.0
+}
+fn default_trace_queue() -> usize {
+    2048
+}
+fn default_trace_batch() -> usize {
+    512
+}
+fn default_trace_flush() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -181,6 +223,9 @@ pub struct Listener {
     /// redirect to HTTPS on this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_https: Option<u16>,
+    /// This listener's head sampling (overrides `tracing.sampling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_sampling: Option<f64>,
     /// Connections redirected here by `outrigger init`: HTTP the routes
     /// know is proxied, anything else passes through opaque to where the
     /// app sent it.
@@ -213,6 +258,7 @@ impl Listener {
             error_detail: false,
             tls: None,
             redirect_https: None,
+            trace_sampling: None,
             transparent: false,
         }
     }
@@ -689,7 +735,34 @@ impl Config {
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
+        if let Some(t) = &self.tracing {
+            if !(0.0..=1.0).contains(&t.sampling) {
+                err("tracing.sampling".into(), "a share from 0.0 to 1.0".into());
+            }
+            if let Some(u) = &t.otlp
+                && !u
+                    .parse::<http::Uri>()
+                    .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some())
+            {
+                err(
+                    "tracing.otlp".into(),
+                    format!("`{u}`: an http:// URL of the collector's /v1/traces"),
+                );
+            }
+            if t.max_queue == 0 || t.max_batch == 0 {
+                err(
+                    "tracing.max_queue".into(),
+                    "max_queue and max_batch are at least 1".into(),
+                );
+            }
+        }
         for (i, l) in self.listeners.iter().enumerate() {
+            if l.trace_sampling.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+                err(
+                    format!("listeners[{i}].trace_sampling"),
+                    "a share from 0.0 to 1.0".into(),
+                );
+            }
             let p = format!("listeners[{i}]");
             if l.name.is_empty() {
                 err(format!("{p}.name"), "must not be empty".into());

@@ -64,9 +64,7 @@ fn http1_host(buf: &[u8]) -> Option<Result<&str, ()>> {
     let head = &buf[line_end + 1..];
     // Only whole lines: a blank one ends the head, a partial one waits.
     for l in head.split_inclusive(|&b| b == b'\n') {
-        let Some(l) = l.strip_suffix(b"\n") else {
-            return None;
-        };
+        let l = l.strip_suffix(b"\n")?;
         let l = l.strip_suffix(b"\r").unwrap_or(l);
         if l.is_empty() {
             return Some(Ok(""));

@@ -156,6 +156,11 @@ where
                     flags = %flags(meta.and_then(|m| m.error), attempts),
                     error = meta.and_then(|m| m.detail.as_deref()).unwrap_or(""),
                     peer = a.peer.as_deref().unwrap_or(""),
+                    trace_id = resp
+                        .extensions()
+                        .get::<crate::telemetry::trace::Context>()
+                        .map(|c| c.trace_hex())
+                        .unwrap_or_default(),
                     "access"
                 );
             }

@@ -15,6 +15,7 @@ pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
 pub mod total_timeout;
+pub mod trace;
 
 use std::future::Future;
 use std::pin::Pin;

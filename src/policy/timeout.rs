@@ -1,5 +1,11 @@
 //! Timeout layer: the route timeout (the whole request, retries included,
-//! shortened by a gRPC client's `grpc-timeout`) or the per-try timeout.
+//! shortened by a gRPC client's `grpc-timeout` and by the time the caller
+//! still waits, `x-outrigger-expected-timeout-ms` from a sidecar upstream)
+//! or the per-try timeout. Either way the request goes on with the time
+//! left written in `x-outrigger-expected-timeout-ms` (and a reduced
+//! `grpc-timeout` for gRPC), so the next hop and the app stop working on
+//! requests nobody waits for. (Across retries the header is the time left
+//! when the request entered the route; a per-try timeout shortens it.)
 //! Fires `ProxyError::Timeout`, which the error layer answers with 504, or
 //! for gRPC with `grpc-status: 4` (DEADLINE_EXCEEDED).
 
@@ -47,6 +53,27 @@ pub struct Timeout<S> {
     layer: TimeoutLayer,
 }
 
+/// `x-outrigger-expected-timeout-ms`.
+fn expected_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(crate::error::EXPECTED_TIMEOUT)?;
+    let ms: u64 = std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// Writes the time left for the next hop (and `grpc-timeout`, if shorter).
+fn tell(headers: &mut HeaderMap, left: Duration, is_grpc: bool, grpc: Option<Duration>) {
+    let ms = left.as_millis().max(1);
+    if let Ok(v) = http::HeaderValue::from_str(&ms.to_string()) {
+        headers.insert(crate::error::EXPECTED_TIMEOUT, v);
+    }
+    if is_grpc
+        && grpc.is_none_or(|g| left < g)
+        && let Ok(v) = http::HeaderValue::from_str(&format!("{}m", ms.min(99_999_999)))
+    {
+        headers.insert("grpc-timeout", v);
+    }
+}
+
 /// Parses `grpc-timeout` (gRPC over HTTP/2: value and unit H, M, S, m, u, n).
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get("grpc-timeout")?.as_bytes();
@@ -78,19 +105,24 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Only gRPC requests carry grpc-timeout; checking the content type
         // (a standard header) first keeps other requests from hashing the name.
-        let grpc = match self.layer.kind {
-            TimeoutKind::Route if crate::error::is_grpc(req.headers()) => {
-                grpc_timeout(req.headers())
-            }
-            _ => None,
+        let is_grpc = crate::error::is_grpc(req.headers());
+        let grpc = if is_grpc {
+            grpc_timeout(req.headers())
+        } else {
+            None
         };
-        let after = match (self.layer.after, grpc) {
-            (Some(a), Some(g)) => Some(a.min(g)),
-            (a, g) => a.or(g),
+        let told = expected_timeout(req.headers());
+        let after = match self.layer.kind {
+            TimeoutKind::Route => [self.layer.after, grpc, told].into_iter().flatten().min(),
+            TimeoutKind::PerTry | TimeoutKind::Total => self.layer.after,
         };
+        // What the next hop is told: the least of everything known.
+        if let Some(left) = [after, told, grpc].into_iter().flatten().min() {
+            tell(req.headers_mut(), left, is_grpc, grpc);
+        }
         TimeoutFuture {
             inner: self.inner.call(req),
             sleep: after.map(|d| Box::pin(tokio::time::sleep(d))),

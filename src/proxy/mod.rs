@@ -292,6 +292,7 @@ impl Proxy {
 
         self.shared.snapshot.store(Arc::new(snap));
         self.version.store(version, SeqCst);
+        crate::telemetry::trace::configure(&config);
         metrics().config_version.set(version as i64);
 
         let mut running = self.listeners.lock();
@@ -639,7 +640,10 @@ async fn serve_http<I>(
         _open: open,
     });
     let stack = tower::ServiceBuilder::new()
-        .layer(MetricsLayer::new(info.scope.clone(), peer_name))
+        .layer(MetricsLayer::new(info.scope.clone(), peer_name.clone()))
+        .layer(crate::policy::trace::TraceLayer::new(
+            &info.name, info.role, peer_name,
+        ))
         .layer(ErrorLayer::new(info.error_detail))
         .service(Forward {
             conn: conn_info.clone(),

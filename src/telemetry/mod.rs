@@ -5,6 +5,8 @@
 //! (`RouteStats`), never per request, so recording a request is a few
 //! atomic adds.
 
+pub mod trace;
+
 use parking_lot::RwLock;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -49,6 +51,9 @@ pub struct Metrics {
     pub cp_refused: IntCounterVec,
     pub cp_injections: IntCounterVec,
     pub tcp_passthrough: IntCounterVec,
+    pub trace_spans_dropped: IntCounterVec,
+    pub trace_spans_exported: IntCounter,
+    pub trace_context_invalid: IntCounter,
     pub tcp_bytes: IntCounterVec,
     pub cp_model_updates: IntCounterVec,
     pub cp_model_version: IntGauge,
@@ -117,6 +122,21 @@ fn build() -> Result<Metrics, prometheus::Error> {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+    let trace_spans_dropped = counter(
+        "outrigger_trace_spans_dropped_total",
+        "Spans not exported, by reason (queue-full, export-failed): never a slower request.",
+        &["reason"],
+    )?;
+    let trace_spans_exported = IntCounter::new(
+        "outrigger_trace_spans_exported_total",
+        "Spans the OTLP collector accepted.",
+    )?;
+    registry.register(Box::new(trace_spans_exported.clone()))?;
+    let trace_context_invalid = IntCounter::new(
+        "outrigger_trace_context_invalid_total",
+        "Requests with a malformed traceparent or B3 header (a new trace was started).",
+    )?;
+    registry.register(Box::new(trace_context_invalid.clone()))?;
     let retries = counter(
         "outrigger_retries_total",
         "Retries sent, by route and what was retried.",
@@ -331,6 +351,9 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cp_refused,
         cp_injections,
         tcp_passthrough,
+        trace_spans_dropped,
+        trace_spans_exported,
+        trace_context_invalid,
         tcp_bytes,
         cp_model_updates,
         cp_model_version,
