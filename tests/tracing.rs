@@ -333,3 +333,36 @@ async fn grpc_requests_are_told_a_reduced_grpc_timeout() {
     assert_eq!(r.status, 200);
     assert_eq!(app.last().headers["grpc-timeout"], "100m");
 }
+
+/// The admin port's `/tap`: a live sample of the requests answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_shows_live_requests() {
+    let app = Upstream::start("app").await;
+    let (a, _b) = two_hops(&app, "tracing: { sampling: 1.0 }\n", "");
+    let admin = a.admin;
+    let tap = std::thread::spawn(move || {
+        let out = Command::new("curl")
+            .args(["-s", &format!("http://{admin}/tap?seconds=5&max=3")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    let c = TestClient::h1(a.addr("out"));
+    // Requests until the tap has its three (it may start after the first).
+    while !tap.is_finished() {
+        assert_eq!(get(&c, "b.svc", "/tapped").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = tap.join().unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for l in &lines {
+        assert_eq!(l["path"], "/tapped");
+        assert_eq!(l["status"], 200);
+        assert_eq!(l["route"], "to-b");
+        assert_eq!(l["trace_id"].as_str().unwrap().len(), 32);
+    }
+}

@@ -108,6 +108,13 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
                         {
                             return Ok(app_probe::check(&probe, &req).await);
                         }
+                        if kind == Kind::Admin
+                            && req.method() == Method::GET
+                            && req.uri().path() == "/tap"
+                            && admin_refusal(&req).is_none()
+                        {
+                            return Ok(tap(req.uri().query()).await);
+                        }
                         Ok::<_, std::convert::Infallible>(handle(kind, &state, req))
                     }
                 });
@@ -118,6 +125,44 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
     });
     tracing::info!(?kind, address = %bound, "admin server listening");
     Ok(bound)
+}
+
+/// `GET /tap?seconds=S&max=N`: the requests answered in the next S seconds
+/// (default 1, at most 30), up to N (default 100, at most 10,000), one JSON
+/// object per line. `outrigger tap` asks again and again for a live view.
+async fn tap(query: Option<&str>) -> Response<Full<Bytes>> {
+    let arg = |k: &str, default: u64, max: u64| {
+        query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(key, _)| *key == k)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(default)
+            .min(max)
+    };
+    let (secs, max) = (arg("seconds", 1, 30), arg("max", 100, 10_000));
+    let mut t = telemetry::tap::Tap::new();
+    let mut out = String::new();
+    let window = tokio::time::sleep(Duration::from_secs(secs));
+    tokio::pin!(window);
+    let mut n = 0;
+    while n < max {
+        tokio::select! {
+            _ = &mut window => break,
+            e = t.next() => match e {
+                Some(e) => {
+                    if let Ok(line) = serde_json::to_string(&e) {
+                        out.push_str(&line);
+                        out.push('\n');
+                        n += 1;
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+    text(StatusCode::OK, out, "application/x-ndjson")
 }
 
 /// The app probe the config lists at `path`, if any.

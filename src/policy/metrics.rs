@@ -90,7 +90,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let access = self.listener.access_log.then(|| Access {
+        let tapping = crate::telemetry::tap::active();
+        let access = (self.listener.access_log || tapping).then(|| Access {
             method: req.method().clone(),
             authority: crate::http_util::authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),
@@ -136,6 +137,31 @@ where
             let status = resp.status().as_u16();
             stats.record(status, elapsed.as_secs_f64());
             if let Some(a) = this.access.take() {
+                let trace_id = resp
+                    .extensions()
+                    .get::<crate::telemetry::trace::Context>()
+                    .map(|c| c.trace_hex())
+                    .unwrap_or_default();
+                if crate::telemetry::tap::active() {
+                    crate::telemetry::tap::publish(crate::telemetry::tap::Event {
+                        listener: this.listener.name.clone(),
+                        method: a.method.to_string(),
+                        authority: a.authority.clone().unwrap_or_default(),
+                        path: a.path.clone(),
+                        route: stats.route().to_string(),
+                        status,
+                        duration_ms: elapsed.as_secs_f64() * 1e3,
+                        upstream: meta
+                            .and_then(|m| m.upstream)
+                            .map(|a| a.to_string())
+                            .unwrap_or_default(),
+                        peer: a.peer.as_deref().unwrap_or("").to_string(),
+                        trace_id: trace_id.clone(),
+                    });
+                }
+                if !this.listener.access_log {
+                    return Poll::Ready(out);
+                }
                 let attempts = resp
                     .headers()
                     .get(crate::error::ATTEMPTS)
@@ -156,11 +182,7 @@ where
                     flags = %flags(meta.and_then(|m| m.error), attempts),
                     error = meta.and_then(|m| m.detail.as_deref()).unwrap_or(""),
                     peer = a.peer.as_deref().unwrap_or(""),
-                    trace_id = resp
-                        .extensions()
-                        .get::<crate::telemetry::trace::Context>()
-                        .map(|c| c.trace_hex())
-                        .unwrap_or_default(),
+                    trace_id,
                     "access"
                 );
             }

@@ -5,6 +5,7 @@
 //! (`RouteStats`), never per request, so recording a request is a few
 //! atomic adds.
 
+pub mod tap;
 pub mod trace;
 
 use parking_lot::RwLock;
