@@ -187,7 +187,32 @@ backend b
     return Proc([binary("haproxy"), "-f", conf], core, PROXY_PORT)
 
 
-def outrigger_yaml(tmp, name, listeners, admin_port, policies=False):
+TRACE_PORT = 18530
+
+
+class SpanSink:
+    """An OTLP/HTTP endpoint that accepts and discards span batches (runs
+    in the harness, not on the proxy's core): the tracing rows measure the
+    proxy's cost of making and exporting spans, not a collector's."""
+
+    def __init__(self):
+        import http.server
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", TRACE_PORT), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def outrigger_yaml(tmp, name, listeners, admin_port, policies=False, sampling=None):
     route_extra = ""
     cluster_extra = ""
     if policies:
@@ -201,11 +226,13 @@ def outrigger_yaml(tmp, name, listeners, admin_port, policies=False):
             f.write("  - %s\n" % l)
         f.write("routes: [ { name: bench, backends: [ { cluster: up } ]%s } ]\n" % route_extra)
         f.write("clusters: [ { name: up, protocol: http1, endpoints: [ { address: 127.0.0.1:%d } ]%s } ]\n" % (UP_PORT, cluster_extra))
+        if sampling is not None:
+            f.write("tracing: { otlp: \"http://127.0.0.1:%d/v1/traces\", sampling: %s }\n" % (TRACE_PORT, sampling))
     return path
 
 
-def proxy_outrigger(tmp, core, policies=False):
-    path = outrigger_yaml(tmp, "outrigger", ["{ name: out, role: outbound, address: 127.0.0.1:%d }" % PROXY_PORT], 18510, policies)
+def proxy_outrigger(tmp, core, policies=False, sampling=None):
+    path = outrigger_yaml(tmp, "outrigger", ["{ name: out, role: outbound, address: 127.0.0.1:%d }" % PROXY_PORT], 18510, policies, sampling)
     exe = os.path.join(ROOT, "target", "release", "outrigger")
     return Proc([exe, "run", "--config", path, "--threads", "1", "--log-level", "error"], core, PROXY_PORT)
 
@@ -359,7 +386,8 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
     rows = {}
     d = str(args.duration)
     subjects = [("direct", None), ("outrigger", proxy_outrigger), ("nginx", proxy_nginx), ("haproxy", proxy_haproxy),
-                ("outrigger-mesh", "mesh"), ("outrigger-mesh-mtls", "mesh-mtls"), ("outrigger-policies", "policies")]
+                ("outrigger-mesh", "mesh"), ("outrigger-mesh-mtls", "mesh-mtls"), ("outrigger-policies", "policies"),
+                ("outrigger-trace-100", "trace-1.0"), ("outrigger-trace-1", "trace-0.01")]
     if args.only:
         subjects = [s for s in subjects if s[0] in args.only.split(",")]
     for name, start in subjects:
@@ -372,6 +400,8 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             p = Mesh(tmp, proxy_core)
         elif start == "mesh-mtls":
             p = Mesh(tmp, proxy_core, mtls=True)
+        elif isinstance(start, str) and start.startswith("trace-"):
+            p = proxy_outrigger(tmp, proxy_core, sampling=start[len("trace-"):])
         elif start == "policies":
             try:
                 p = proxy_outrigger(tmp, proxy_core, policies=True)
@@ -531,7 +561,7 @@ def main():
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rate", type=int, default=2000, help="open-loop request rate")
     ap.add_argument("--sidecar-rate", type=int, default=1000, help="request rate the sizing line is for")
-    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies)")
+    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies,outrigger-trace-100,outrigger-trace-1)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     ensure_tools()
@@ -540,6 +570,7 @@ def main():
     proxy_core, load_core = cores()
     tmp = tempfile.mkdtemp(prefix="outrigger-bench-")
     up = upstream_nginx(tmp, load_core)
+    SpanSink()
     rounds = []
     try:
         for r in range(args.rounds):
@@ -572,6 +603,13 @@ def main():
     if "haproxy" in res and "outrigger" in res:
         ratio = res["outrigger"]["http1"]["cpu_us_per_req"] / res["haproxy"]["http1"]["cpu_us_per_req"]
         print("\nOutrigger CPU/request = %.2f x HAProxy's (same run)" % ratio)
+    if "outrigger" in res:
+        base = res["outrigger"]["http1"]["cpu_us_per_req"]
+        for name, label in (("outrigger-trace-100", "100 %"), ("outrigger-trace-1", "1 %")):
+            if name in res:
+                t = res[name]["http1"]["cpu_us_per_req"]
+                print("tracing at %s sampling (spans exported over OTLP): %.1f us CPU/request, %.2f x without tracing (%.1f us), HTTP/1.1 median of %d rounds" % (
+                    label, t, t / base, base, args.rounds))
     print("\nsizing: %.1f millicores and %.1f MiB per 1,000 req/s -> at %d req/s: resources.requests {cpu: %s, memory: %s}, limits {cpu: %s, memory: %s}" % (
         size["millicores_per_1k_rps"], size["memory_mib"], size["rate"], size["requests"]["cpu"], size["requests"]["memory"],
         size["limits"]["cpu"], size["limits"]["memory"]))

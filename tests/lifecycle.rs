@@ -213,3 +213,53 @@ async fn idle_downstream_connections_are_closed() {
     }
     assert!(gone, "idle HTTP/2 connection was not closed");
 }
+
+/// The access log is its own output: at `--log-level warn` the diagnostic
+/// info lines are gone, the access lines are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_does_not_follow_the_log_level() {
+    use std::io::{BufRead, BufReader};
+    let app = Upstream::start("app").await;
+    let (port, probes) = (free_port(), free_port());
+    let dir = temp_dir();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "admin: {{ address: 127.0.0.1:{}, probes: 127.0.0.1:{probes} }}\nlisteners: [ {{ name: out, role: outbound, address: 127.0.0.1:{port}, access_log: true }} ]\nroutes: [ {{ name: r, backends: [ {{ cluster: c }} ] }} ]\nclusters: [ {{ name: c, endpoints: [ {{ address: {} }} ] }} ]\n",
+            free_port(),
+            app.addr
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "--log-level", "warn", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    let probe = format!("127.0.0.1:{probes}").parse().unwrap();
+    while std::net::TcpStream::connect(probe).is_err() || http_get_raw(probe, "/ready").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = TestClient::h1(format!("127.0.0.1:{port}").parse().unwrap());
+    assert_eq!(get(&c, "x", "/logged").await.status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines: Vec<String> = BufReader::new(out).lines().map_while(Result::ok).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"message\":\"access\"") && l.contains("/logged")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("\"level\":\"INFO\"") && !l.contains("\"message\":\"access\"")),
+        "info lines at warn: {lines:?}"
+    );
+}

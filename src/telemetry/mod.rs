@@ -5,6 +5,8 @@
 //! (`RouteStats`), never per request, so recording a request is a few
 //! atomic adds.
 
+#[cfg(target_os = "linux")]
+mod process;
 pub mod tap;
 pub mod trace;
 
@@ -310,12 +312,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(feed_updates.clone()))?;
     registry.register(Box::new(upstream_connect_failures.clone()))?;
     #[cfg(target_os = "linux")]
-    registry.register(Box::new(
-        prometheus::process_collector::ProcessCollector::new(
-            std::process::id() as i32,
-            "outrigger",
-        ),
-    ))?;
+    registry.register(Box::new(process::Process::new()?))?;
     Ok(Metrics {
         registry,
         requests,
@@ -359,6 +356,27 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cp_model_updates,
         cp_model_version,
     })
+}
+
+const ACCESS_DIRECTIVE: &str = "outrigger::access=info";
+
+/// The log levels `--log-level` takes; anything else is refused (an
+/// unknown word must not silence every log).
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a `--log-level` value: a level, or `RUST_LOG`-style directives
+/// (`info,outrigger::proxy=debug`) whose levels are all known.
+pub fn check_log_level(level: &str) -> Result<String, String> {
+    for part in level.split(',') {
+        let lvl = part.rsplit_once('=').map_or(part, |(_, l)| l).trim();
+        if !LOG_LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{lvl}` is not a log level: {}",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(level.to_string())
 }
 
 /// The process-wide metrics. Registration of fixed, distinct names cannot fail.
@@ -450,9 +468,11 @@ fn itoa_buf(status: u16) -> [u8; 3] {
 
 /// Installs the JSON log subscriber. `RUST_LOG` wins over `level`.
 pub fn init_logs(level: &str) {
+    // The access log is its own output: on whatever the diagnostic level.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(ACCESS_DIRECTIVE.parse().expect("a fixed, valid directive"));
     let _ = tracing_subscriber::fmt()
         .json()
         .with_current_span(false)
@@ -465,6 +485,15 @@ pub fn init_logs(level: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_are_checked() {
+        assert!(check_log_level("warn").is_ok());
+        assert!(check_log_level("info,outrigger::proxy=debug").is_ok());
+        let e = check_log_level("verbose").unwrap_err();
+        assert!(e.contains("`verbose` is not a log level"), "{e}");
+        assert!(check_log_level("info,x=loud").is_err());
+    }
 
     #[test]
     fn route_stats_count_by_code() {
