@@ -263,3 +263,37 @@ async fn the_access_log_does_not_follow_the_log_level() {
         "info lines at warn: {lines:?}"
     );
 }
+
+/// Shutdown that keeps the app working: the inbound side stops accepting
+/// at once (callers move away) while the outbound side, with a drain
+/// delay, still takes the app's new connections; once the app has none
+/// open, the proxy exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_side_outlives_the_inbound_side_on_shutdown() {
+    let app = Upstream::start("app").await;
+    let mut p = ProxyProc::start(&format!(
+        "listeners:\n  - {{ name: in, role: inbound, address: 127.0.0.1:0, forward_to: {} }}\n  - {{ name: out, role: outbound, address: 127.0.0.1:0, drain_delay: 30s }}\nroutes: [ {{ name: r, listeners: [out], backends: [ {{ cluster: c }} ] }} ]\nclusters: [ {{ name: c, endpoints: [ {{ address: {} }} ] }} ]\n",
+        app.addr, app.addr
+    ));
+    let (inbound, outbound) = (p.addr("in"), p.addr("out"));
+    p.signal("TERM");
+    // The inbound listener closes.
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while std::net::TcpStream::connect(inbound).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "inbound still accepting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The app's new outbound connection still works, as do a few more.
+    for _ in 0..3 {
+        let c = TestClient::h1(outbound);
+        assert_eq!(get(&c, "x", "/").await.status, 200);
+    }
+    // Nothing open for a second: it stops accepting and exits, long before
+    // the 30 s delay.
+    let status = p.wait_exit();
+    assert!(status.success(), "{status:?}");
+    p.wait_log(|l| l.contains("drain delay over"));
+}

@@ -223,6 +223,12 @@ pub struct Listener {
     /// redirect to HTTPS on this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_https: Option<u16>,
+    /// On shutdown, keep accepting for up to this long, or until no
+    /// connection has been open for a second (the app in the same pod is
+    /// still stopping and needs its outbound calls); other listeners stop
+    /// at once, so callers move away first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_delay: Option<Dur>,
     /// This listener's head sampling (overrides `tracing.sampling`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_sampling: Option<f64>,
@@ -258,6 +264,7 @@ impl Listener {
             error_detail: false,
             tls: None,
             redirect_https: None,
+            drain_delay: None,
             trace_sampling: None,
             transparent: false,
         }

@@ -36,7 +36,8 @@ pub use crate::context::RouteMeta;
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub draining: AtomicBool,
-    drain_tx: watch::Sender<bool>,
+    /// Listeners still serving out their drain delay.
+    delayed: AtomicUsize,
     active: AtomicUsize,
     idle: Notify,
 }
@@ -64,6 +65,8 @@ pub struct ListenerInfo {
     pub redirect_https: Option<u16>,
     /// Takes connections redirected by `outrigger init` (see `intercept`).
     pub transparent: bool,
+    /// Set when this listener's connections are to finish (drain).
+    drain: watch::Receiver<bool>,
     /// TLS on this listener (mTLS between sidecars, or gateway termination).
     pub tls: Option<Arc<ListenerTls>>,
     /// Label sets resolved once per listener, not per connection.
@@ -175,6 +178,8 @@ struct Running {
     config: Listener,
     serving: Arc<ArcSwap<Serving>>,
     stop: watch::Sender<bool>,
+    /// Asks this listener's open connections to finish.
+    drain: watch::Sender<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,11 +216,10 @@ impl Proxy {
         identity: Option<Arc<IdentityStore>>,
     ) -> Result<Arc<Proxy>, ApplyError> {
         let snap = Snapshot::build_with(config.clone(), 0, None, identity.as_ref())?;
-        let (drain_tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             draining: AtomicBool::new(false),
-            drain_tx,
+            delayed: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
         });
@@ -303,7 +307,8 @@ impl Proxy {
             {
                 let address = r.serving.load().info.address;
                 let t = tls.get(&l.name).cloned().flatten();
-                r.serving.store(Arc::new(self.serving(l, address, t)));
+                r.serving
+                    .store(Arc::new(self.serving(l, address, t, r.drain.subscribe())));
                 r.config = l.clone();
                 tracing::info!(listener = %l.name, "listener settings updated");
             }
@@ -311,7 +316,10 @@ impl Proxy {
         for (l, sock) in bound {
             let address = sock.local_addr().unwrap_or(l.address);
             let t = tls.get(&l.name).cloned().flatten();
-            let serving = Arc::new(ArcSwap::from_pointee(self.serving(&l, address, t)));
+            let (drain, drain_rx) = watch::channel(self.shared.draining.load(SeqCst));
+            let serving = Arc::new(ArcSwap::from_pointee(
+                self.serving(&l, address, t, drain_rx),
+            ));
             let (stop, stop_rx) = watch::channel(false);
             tracing::info!(listener = %l.name, role = l.role.as_str(), %address, "listening");
             tokio::spawn(accept_loop(sock, l.name.clone(), serving.clone(), stop_rx));
@@ -321,6 +329,7 @@ impl Proxy {
                     config: l,
                     serving,
                     stop,
+                    drain,
                 },
             ) {
                 let _ = old.stop.send(true);
@@ -338,7 +347,13 @@ impl Proxy {
         Ok(version)
     }
 
-    fn serving(&self, l: &Listener, address: SocketAddr, tls: Option<Arc<ListenerTls>>) -> Serving {
+    fn serving(
+        &self,
+        l: &Listener,
+        address: SocketAddr,
+        tls: Option<Arc<ListenerTls>>,
+        drain: watch::Receiver<bool>,
+    ) -> Serving {
         Serving {
             info: Arc::new(ListenerInfo {
                 name: l.name.clone(),
@@ -366,6 +381,7 @@ impl Proxy {
                 error_detail: l.error_detail,
                 redirect_https: l.redirect_https,
                 transparent: l.transparent,
+                drain,
                 tls,
                 connections: metrics().connections.with_label_values(&[&l.name]),
                 connections_total: metrics().connections_total.with_label_values(&[&l.name]),
@@ -385,10 +401,28 @@ impl Proxy {
             return;
         }
         tracing::info!("draining");
-        for r in self.listeners.lock().values() {
-            let _ = r.stop.send(true);
+        for (name, r) in self.listeners.lock().iter() {
+            match r.config.drain_delay {
+                None => {
+                    let _ = r.stop.send(true);
+                    let _ = r.drain.send(true);
+                }
+                Some(delay) => {
+                    let (stop, drain) = (r.stop.clone(), r.drain.clone());
+                    let open = r.serving.load().info.connections.clone();
+                    let name = name.clone();
+                    let shared = self.shared.clone();
+                    shared.delayed.fetch_add(1, SeqCst);
+                    tokio::spawn(async move {
+                        delayed_stop(&name, delay.0, open).await;
+                        let _ = stop.send(true);
+                        let _ = drain.send(true);
+                        shared.delayed.fetch_sub(1, SeqCst);
+                        shared.idle.notify_waiters();
+                    });
+                }
+            }
         }
-        let _ = self.shared.drain_tx.send(true);
     }
 
     /// Waits until no downstream connection is open, or `deadline` passes.
@@ -399,7 +433,7 @@ impl Proxy {
                 let n = self.shared.idle.notified();
                 tokio::pin!(n);
                 n.as_mut().enable();
-                if self.shared.active.load(SeqCst) == 0 {
+                if self.shared.active.load(SeqCst) == 0 && self.shared.delayed.load(SeqCst) == 0 {
                     return;
                 }
                 n.await;
@@ -489,6 +523,25 @@ async fn accept_loop(
     // Close the socket before saying so: whoever reads the log may connect next.
     drop(listener);
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+/// A listener with a drain delay keeps serving until the delay passes, or
+/// until it has had no open connection for a second: the app next to the
+/// proxy is still stopping and makes its last calls through it.
+async fn delayed_stop(name: &str, delay: Duration, open: prometheus::IntGauge) {
+    let quiet_for = Duration::from_secs(1);
+    let start = tokio::time::Instant::now();
+    let mut quiet_since: Option<tokio::time::Instant> = None;
+    while start.elapsed() < delay {
+        let now = tokio::time::Instant::now();
+        if open.get() > 0 {
+            quiet_since = None;
+        } else if now.duration_since(*quiet_since.get_or_insert(now)) >= quiet_for {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(listener = name, "drain delay over; no longer accepting");
 }
 
 /// Accept errors (out of file descriptors) back off from 5 ms up to 1 s.
@@ -625,7 +678,6 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = info.shared.clone();
     let stream = framing::FramingWatch::new(stream, Some(info.header_read_timeout));
     let framing = stream.framing.clone();
 
@@ -651,7 +703,7 @@ async fn serve_http<I>(
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(stack));
     tokio::pin!(conn);
-    let mut drain = shared.drain_tx.subscribe();
+    let mut drain = info.drain.clone();
     // Ask the connection to close when the proxy drains, or when a whole idle
     // period passed without a new request (one timer per connection, none per request).
     let close_when = async {
