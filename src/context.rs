@@ -16,6 +16,8 @@ pub struct RouteMeta {
     /// The full error text, for the access log (never sent to a client
     /// unless the listener asks for it).
     pub detail: Option<Box<str>>,
+    /// The `x-request-id` the request went on with (the client's, or ours).
+    pub request_id: Option<http::HeaderValue>,
 }
 
 impl RouteMeta {

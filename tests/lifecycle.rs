@@ -158,6 +158,15 @@ fn admin_endpoints_answer() {
         up.addr.to_string()
     );
     assert_eq!(v["clusters"][0]["endpoints"][0]["state"], "healthy");
+    assert_eq!(v["clusters"][0]["requests_total"], 0);
+    // Totals count what was served; `open` is what is in flight now.
+    let c = TestClient::h1(p.addr("out"));
+    for _ in 0..3 {
+        assert_eq!(rt.block_on(get(&c, "app.svc", "/")).status, 200);
+    }
+    let v: serde_json::Value = serde_json::from_str(&http_get_raw(p.admin, "/clusters").1).unwrap();
+    assert_eq!(v["clusters"][0]["requests_total"], 3);
+    assert_eq!(v["clusters"][0]["open"]["requests"], 0);
     let (s, body, _) = http_get_raw(p.probes, "/metrics");
     assert_eq!(s, 200);
     for name in [

@@ -484,11 +484,11 @@ async fn connection_and_pending_limits_queue_one_and_refuse_the_next() {
         move || tokio::spawn(async move { get(&TestClient::h1(addr), "svc", "/").await.status });
     let first = call();
     until_clusters(&p, |v| {
-        v["clusters"][0]["connections"] == 1 && v["clusters"][0]["requests"] == 1
+        v["clusters"][0]["open"]["connections"] == 1 && v["clusters"][0]["open"]["requests"] == 1
     })
     .await;
     let second = call();
-    until_clusters(&p, |v| v["clusters"][0]["pending"] == 1).await;
+    until_clusters(&p, |v| v["clusters"][0]["open"]["pending"] == 1).await;
     // One connection busy, one request waiting for it: the next is refused at once.
     let r = get(&TestClient::h1(addr), "svc", "/").await;
     assert_eq!(r.status, 503);

@@ -136,8 +136,18 @@ async fn a_request_across_two_sidecars_is_one_trace() {
         tp,
         format!("00-{trace}-{}-01", b_span["span_id"].as_str().unwrap())
     );
-    // The trace id is in the access log.
-    a.wait_log(|l| l.contains("\"message\":\"access\"") && l.contains(trace));
+    // The trace id is in the access log, with the fields users expect.
+    let line = a.wait_log(|l| l.contains("\"message\":\"access\"") && l.contains(trace));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let f = &v["fields"];
+    assert!(
+        f["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    assert_eq!(f["request_id"].as_str().unwrap().len(), 32, "{line}");
+    assert_eq!(f["protocol"], "HTTP/1.1");
+    assert_eq!(f["upstream"], _b.addr("in").to_string());
+    assert_eq!(f["status"], 200);
     // The deadline the app is told: the route's 2 s, less what is spent.
     let left: u64 = seen.headers["x-outrigger-expected-timeout-ms"]
         .to_str()

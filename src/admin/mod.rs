@@ -329,14 +329,23 @@ fn clusters_json(p: &Proxy) -> String {
                 })
                 .collect();
             use crate::policy::circuit_breaker::Limit;
+            // Totals since the cluster was made, and what is open now (the
+            // circuit breaker's gauges: 0 when idle).
+            let total = |f: fn(&crate::balance::Endpoint) -> u64| -> u64 {
+                c.endpoints.iter().map(|e| f(e)).sum()
+            };
             json!({
                 "name": c.name,
                 "lb": c.config.lb,
                 "protocol": c.config.protocol,
-                "connections": c.limits.used(Limit::Connections),
-                "pending": c.limits.used(Limit::Pending),
-                "requests": c.limits.used(Limit::Requests),
-                "retries": c.limits.used(Limit::Retries),
+                "requests_total": total(|e| e.requests.load(SeqCst)),
+                "failures_total": total(|e| e.failures.load(SeqCst)),
+                "open": {
+                    "connections": c.limits.used(Limit::Connections),
+                    "pending": c.limits.used(Limit::Pending),
+                    "requests": c.limits.used(Limit::Requests),
+                    "retries": c.limits.used(Limit::Retries),
+                },
                 "endpoints": endpoints,
             })
         })

@@ -36,6 +36,7 @@ pub async fn run(cluster: Weak<Cluster>, hc: HealthCheck) {
     loop {
         let Some(c) = cluster.upgrade() else { return };
         let eps = c.endpoints.clone();
+        let name = c.name.clone();
         drop(c);
         let results = futures_util::future::join_all(
             eps.iter().map(|e| probe(e.addr, &hc.path, hc.timeout.0)),
@@ -46,13 +47,13 @@ pub async fn run(cluster: Weak<Cluster>, hc: HealthCheck) {
             if ok {
                 *streak = (streak.0 + 1, 0);
                 if !healthy && streak.0 >= hc.healthy_threshold {
-                    tracing::info!(endpoint = %e.addr, "health check passing; endpoint back");
+                    tracing::info!(cluster = %name, endpoint = %e.addr, "health check passing; endpoint back");
                     e.health.checked_healthy.store(true, Relaxed);
                 }
             } else {
                 *streak = (0, streak.1 + 1);
                 if healthy && streak.1 >= hc.unhealthy_threshold {
-                    tracing::warn!(endpoint = %e.addr, "health check failing; endpoint out");
+                    tracing::warn!(cluster = %name, endpoint = %e.addr, "health check failing; endpoint out");
                     e.health.checked_healthy.store(false, Relaxed);
                 }
             }

@@ -190,7 +190,7 @@ impl Endpoint {
             h2_connecting: tokio::sync::Mutex::new(()),
             returned: Notify::new(),
             limits,
-            health: EndpointHealth::default(),
+            health: EndpointHealth::of(addr),
             speaks_h2: AtomicU64::new(H2_UNKNOWN),
             connect_failures: crate::telemetry::metrics()
                 .upstream_connect_failures

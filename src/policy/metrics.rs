@@ -28,11 +28,21 @@ pub struct MetricsLayer {
     listener: Arc<ListenerScope>,
     /// The connection's verified peer identity (mTLS), for the access log.
     peer: Option<Arc<str>>,
+    /// The connection's client address, for the access log.
+    client: std::net::SocketAddr,
 }
 
 impl MetricsLayer {
-    pub fn new(listener: Arc<ListenerScope>, peer: Option<Arc<str>>) -> Self {
-        MetricsLayer { listener, peer }
+    pub fn new(
+        listener: Arc<ListenerScope>,
+        peer: Option<Arc<str>>,
+        client: std::net::SocketAddr,
+    ) -> Self {
+        MetricsLayer {
+            listener,
+            peer,
+            client,
+        }
     }
 }
 
@@ -43,6 +53,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
             inner,
             listener: self.listener.clone(),
             peer: self.peer.clone(),
+            client: self.client,
         }
     }
 }
@@ -52,6 +63,7 @@ pub struct Metrics<S> {
     inner: S,
     listener: Arc<ListenerScope>,
     peer: Option<Arc<str>>,
+    client: std::net::SocketAddr,
 }
 
 /// Access-log flags: what went wrong (`timeout`, `circuit_open`, ...) and `retry`.
@@ -75,6 +87,19 @@ struct Access {
     authority: Option<String>,
     path: String,
     peer: Option<Arc<str>>,
+    client: std::net::SocketAddr,
+    version: http::Version,
+    user_agent: Option<http::HeaderValue>,
+    /// The declared length (`content-length`), when there is one.
+    request_bytes: Option<u64>,
+}
+
+fn declared_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 impl<S, B, RB> tower::Service<Request<B>> for Metrics<S>
@@ -96,6 +121,10 @@ where
             authority: crate::http_util::authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),
             peer: self.peer.clone(),
+            client: self.client,
+            version: req.version(),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            request_bytes: declared_length(req.headers()),
         });
         MetricsFuture {
             inner: self.inner.call(req),
@@ -183,6 +212,19 @@ where
                     error = meta.and_then(|m| m.detail.as_deref()).unwrap_or(""),
                     peer = a.peer.as_deref().unwrap_or(""),
                     trace_id,
+                    client = %a.client,
+                    request_id = meta
+                        .and_then(|m| m.request_id.as_ref())
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                    protocol = ?a.version,
+                    user_agent = a
+                        .user_agent
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                    request_bytes = a.request_bytes,
+                    response_bytes = declared_length(resp.headers()),
                     "access"
                 );
             }

@@ -29,6 +29,8 @@ pub struct EndpointHealth {
     times_ejected: AtomicU32,
     /// Active health checks; true when none are configured.
     pub checked_healthy: AtomicBool,
+    /// For the logs: which endpoint this is.
+    pub addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for EndpointHealth {
@@ -40,11 +42,19 @@ impl Default for EndpointHealth {
             ejected_until: AtomicU64::new(0),
             times_ejected: AtomicU32::new(0),
             checked_healthy: AtomicBool::new(true),
+            addr: None,
         }
     }
 }
 
 impl EndpointHealth {
+    pub fn of(addr: std::net::SocketAddr) -> Self {
+        EndpointHealth {
+            addr: Some(addr),
+            ..Self::default()
+        }
+    }
+
     pub fn is_ejected(&self, now: u64) -> bool {
         let until = self.ejected_until.load(Relaxed);
         until != 0 && now < until
@@ -81,6 +91,7 @@ pub struct Detector {
     /// Endpoints ejected and not yet swept back: while 0, the balancer
     /// skips health filtering altogether.
     ejected: AtomicU32,
+    cluster: Box<str>,
 }
 
 impl Detector {
@@ -92,6 +103,7 @@ impl Detector {
                 .map(|r| m.outlier_ejections.with_label_values(&[cluster, r])),
             gauges: state_gauges(cluster),
             ejected: AtomicU32::new(0),
+            cluster: cluster.into(),
         }
     }
 
@@ -165,7 +177,13 @@ impl Detector {
         h.ejected_until.store(now + d.as_nanos() as u64, Relaxed);
         self.ejected.fetch_add(1, Relaxed);
         self.ejections[reason].inc();
-        tracing::info!(endpoint = idx, reason = ["5xx", "gateway-error", "local-failure"][reason], ejected_for = ?d, "endpoint ejected");
+        tracing::info!(
+            cluster = %self.cluster,
+            endpoint = %h.addr.map(|a| a.to_string()).unwrap_or_else(|| format!("#{idx}")),
+            reason = ["5xx", "gateway-error", "local-failure"][reason],
+            ejected_for = ?d,
+            "endpoint ejected"
+        );
         self.refresh(all, health);
     }
 

@@ -303,7 +303,7 @@ fn prepare(
     let Some(target) = target else {
         return Err(ProxyError::NoRoute.into());
     };
-    let meta = RouteMeta {
+    let mut meta = RouteMeta {
         stats: Some(target.stats.clone()),
         ..Default::default()
     };
@@ -397,6 +397,7 @@ fn prepare(
         }
         Role::Outbound => headers::ensure_request_id(hdrs),
     }
+    meta.request_id = req.headers().get(headers::REQUEST_ID).cloned();
     if let Some(e) = filters.as_ref().and_then(|f| f.request.as_ref()) {
         e.apply(req.headers_mut());
     }

@@ -692,7 +692,11 @@ async fn serve_http<I>(
         _open: open,
     });
     let stack = tower::ServiceBuilder::new()
-        .layer(MetricsLayer::new(info.scope.clone(), peer_name.clone()))
+        .layer(MetricsLayer::new(
+            info.scope.clone(),
+            peer_name.clone(),
+            peer,
+        ))
         .layer(crate::policy::trace::TraceLayer::new(
             &info.name, info.role, peer_name,
         ))

@@ -360,6 +360,33 @@ fn build() -> Result<Metrics, prometheus::Error> {
 
 const ACCESS_DIRECTIVE: &str = "outrigger::access=info";
 
+/// One log line in the shape of the others, for events whose fields are
+/// structured (a list of errors as a JSON array, not a string inside a
+/// string, which `tracing`'s JSON output cannot nest).
+pub fn log_json(level: &str, target: &str, message: &str, fields: serde_json::Value) {
+    let enabled = match level {
+        "WARN" => tracing::enabled!(target: "outrigger", tracing::Level::WARN),
+        "ERROR" => tracing::enabled!(target: "outrigger", tracing::Level::ERROR),
+        _ => tracing::enabled!(target: "outrigger", tracing::Level::INFO),
+    };
+    if !enabled {
+        return;
+    }
+    let mut f = match fields {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    f.insert("message".into(), message.into());
+    let ts = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let line =
+        serde_json::json!({ "timestamp": ts, "level": level, "fields": f, "target": target });
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
 /// The log levels `--log-level` takes; anything else is refused (an
 /// unknown word must not silence every log).
 pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
