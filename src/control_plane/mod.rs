@@ -8,14 +8,22 @@
 //!   or the Kubernetes API), behind one trait.
 //! - `render`: model → one proxy's config.
 //! - `server`: the feed, acks, the node list, the CA endpoint.
+//! - `report`: what proxies report of their traffic (`POST /v1/report`),
+//!   made from their Prometheus registry; `traffic`: the control plane's
+//!   store of reports and the mesh view from it (`GET /v1/mesh`);
+//!   `dashboard`: the page at `/`; `stat`: `outrigger stat`.
 //!
 //! It shares only `config/` and `tls/` with the data plane.
 
+pub mod dashboard;
 pub mod kinds;
 pub mod model;
 pub mod render;
+pub mod report;
 pub mod server;
 pub mod source;
+pub mod stat;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -95,6 +95,16 @@ fn cluster_name(ns: &str, name: &str, port: i32) -> String {
     format!("{name}.{ns}:{port}")
 }
 
+/// The Service a rendered cluster is for: `name.namespace:port` →
+/// `(namespace, name)`; `None` for any other name (a proxy's own
+/// `inbound:…` cluster, one from a hand-written config).
+pub fn cluster_service(cluster: &str) -> Option<(&str, &str)> {
+    let (host, port) = cluster.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let (name, ns) = host.split_once('.')?;
+    (!name.is_empty() && !ns.is_empty() && !ns.contains('.')).then_some((ns, name))
+}
+
 /// The Service's virtual addresses (not `None`: headless).
 fn cluster_ips(s: &Service) -> Vec<String> {
     let spec = s.spec.as_ref();
@@ -616,6 +626,10 @@ pub fn render(mesh: &Mesh, regs: &[Registration], node: &Node, set: &Settings) -
         );
         // The app's connections arrive redirected (`outrigger init`).
         l.transparent = true;
+        // On shutdown the app is still stopping: its calls keep working
+        // (up to 5 s, or until it has no connection open), while the
+        // inbound side stops at once so callers move away.
+        l.drain_delay = Some(Dur::secs(5));
         c.listeners.push(l);
     }
     // The services this proxy may call, their clusters and routes (none
@@ -817,6 +831,15 @@ spec:
             cluster_domain: "cluster.local".into(),
             mtls: true,
         }
+    }
+
+    #[test]
+    fn a_cluster_names_its_service() {
+        let n = cluster_name("shop", "orders", 8080);
+        assert_eq!(cluster_service(&n), Some(("shop", "orders")));
+        assert_eq!(cluster_service("inbound:inbound"), None);
+        assert_eq!(cluster_service("backend"), None);
+        assert_eq!(cluster_service("a.b.c:80"), None);
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! - `POST /v1/ack`: `{"node","version","ack":bool,"error"}` for each message.
 //! - `POST /v1/drain?node=ID`: the proxy is stopping; callers stop getting it.
 //! - `GET /v1/nodes`: every proxy, its version, last ack/nack, connected-since.
+//! - `POST /v1/report`: a proxy's traffic counters (see `report`), every 5 s
+//!   on its feed connection; `GET /v1/mesh`: the mesh's traffic over the
+//!   last minute from them (see `traffic`).
+//! - `GET /`: the dashboard, a static page that reads `/v1/mesh` (see
+//!   `dashboard`); the one path served without a caller's identity.
 //! - `POST /v1/certificate`: the mesh CA signs a CSR (PEM body) for the
 //!   identity the caller proved: `{"certificate","roots"}`.
 //! - `GET /metrics`, `GET /healthz`.
@@ -21,6 +26,8 @@
 
 use super::model::Mesh;
 use super::render::{self, Node, Registration, Settings};
+use super::report::Report;
+use super::traffic::{self, Ack, Nack, NodeStats};
 use crate::telemetry::metrics;
 use crate::tls::ca::Ca;
 use crate::tls::spiffe::SpiffeId;
@@ -47,19 +54,6 @@ type Body = BoxBody<Bytes, std::convert::Infallible>;
 pub struct State {
     pub mesh: Arc<Mesh>,
     pub version: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct Ack {
-    version: u64,
-    at: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct Nack {
-    version: u64,
-    error: String,
-    at: u64,
 }
 
 struct NodeEntry {
@@ -102,7 +96,26 @@ pub struct ControlPlane {
     started: Instant,
     /// The latest render per group of proxies with the same inputs.
     renders: Mutex<HashMap<render::GroupKey, RenderSlot>>,
+    /// Each node's traffic reports (locked after `nodes` when both are).
+    traffic: Mutex<HashMap<String, Arc<Mutex<NodeStats>>>>,
+    /// `outrigger_cp_reports_total`, by [`REPORT_RESULTS`].
+    reports_total: [std::sync::atomic::AtomicU64; 5],
+    /// The last `/v1/mesh` answer: however many dashboards poll, the view
+    /// is computed at most once per `MESH_CACHE`.
+    mesh_cache: Mutex<Option<(Instant, Bytes)>>,
 }
+
+/// How a report was taken (the index into `reports_total`). A counter of
+/// our own rather than a Prometheus family: shown in `/v1/mesh`.
+const REPORT_RESULTS: [&str; 5] = [
+    "accepted",
+    "forbidden",
+    "unknown-node",
+    "garbled",
+    "too-large",
+];
+
+const MESH_CACHE: Duration = Duration::from_secs(1);
 
 /// A group's latest render; locked while rendering, so a group renders once.
 type RenderSlot = Arc<Mutex<Option<Arc<Rendered>>>>;
@@ -215,6 +228,9 @@ impl ControlPlane {
             renders: Mutex::new(HashMap::new()),
             registrations_dirty: tokio::sync::Notify::new(),
             started: Instant::now(),
+            traffic: Mutex::new(HashMap::new()),
+            reports_total: Default::default(),
+            mesh_cache: Mutex::new(None),
         })
     }
 
@@ -450,6 +466,9 @@ impl ControlPlane {
                 StatusCode::OK,
                 &serde_json::json!({ "ok": true, "version": self.version() }),
             ),
+            // The dashboard holds no data: it is served to anyone; the
+            // `/v1/mesh` it reads asks for a token like the rest.
+            (&Method::GET, "/") => super::dashboard::response(),
             (&Method::GET, "/metrics") => {
                 let mut r =
                     Response::new(Full::new(Bytes::from(crate::telemetry::render())).boxed());
@@ -489,7 +508,12 @@ impl ControlPlane {
         // before any answer, so that an early refusal is not a reset.
         let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
-            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "a body over 64 KiB"),
+            Err(_) => {
+                if parts.uri.path() == "/v1/report" {
+                    self.count_report(4);
+                }
+                return error(StatusCode::PAYLOAD_TOO_LARGE, "a body over 64 KiB");
+            }
         };
         let Some(id) = id else {
             return error(
@@ -499,6 +523,8 @@ impl ControlPlane {
         };
         match (parts.method.clone(), parts.uri.path()) {
             (Method::GET, "/v1/nodes") => json(StatusCode::OK, &self.nodes_json()),
+            (Method::GET, "/v1/mesh") => self.mesh(),
+            (Method::POST, "/v1/report") => self.report(id, &body),
             (Method::GET, "/v1/feed") => self.feed(id, &parts.uri),
             (Method::POST, "/v1/ack") => self.ack(id, &body),
             (Method::POST, "/v1/drain") => self.drain(id, &parts.uri).await,
@@ -723,6 +749,8 @@ impl ControlPlane {
                     .get(&id)
                     .is_some_and(|e| e.stream == stream && !e.connected);
                 if gone && let Some(e) = nodes.remove(&id) {
+                    // Its reports go with it.
+                    me.traffic.lock().remove(&id);
                     // The group's render goes with its last proxy.
                     let key = e.node.group_key();
                     if !nodes.values().any(|x| x.node.group_key() == key) {
@@ -785,6 +813,115 @@ impl ControlPlane {
             self.registrations_changed();
         }
         json(StatusCode::OK, &serde_json::json!({ "ok": true }))
+    }
+
+    fn count_report(&self, result: usize) {
+        self.reports_total[result].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A proxy's traffic report, taken like its acks: for a node this
+    /// control plane feeds, from the identity that node subscribed as.
+    fn report(self: Arc<Self>, id: SpiffeId, body: &Bytes) -> Response<Body> {
+        let r: Report = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.count_report(3);
+                return error(StatusCode::BAD_REQUEST, &format!("not a report: {e}"));
+            }
+        };
+        let stats = {
+            let nodes = self.nodes.lock();
+            match nodes.get(&r.node) {
+                None => {
+                    self.count_report(2);
+                    return error(StatusCode::NOT_FOUND, "no such node");
+                }
+                Some(e) if e.node.identity != id => {
+                    self.count_report(1);
+                    return error(StatusCode::FORBIDDEN, "a report for another proxy");
+                }
+                Some(_) => {}
+            }
+            // Under the nodes lock: a node removed meanwhile takes its
+            // reports with it, none come back after.
+            self.traffic
+                .lock()
+                .entry(r.node.clone())
+                .or_default()
+                .clone()
+        };
+        stats.lock().ingest(&r, std::time::Instant::now());
+        self.count_report(0);
+        json(StatusCode::OK, &serde_json::json!({ "ok": true }))
+    }
+
+    /// `GET /v1/mesh`: computed from the kept reports on request, at most
+    /// once per `MESH_CACHE`.
+    fn mesh(self: Arc<Self>) -> Response<Body> {
+        let cached = self
+            .mesh_cache
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < MESH_CACHE)
+            .map(|(_, b)| b.clone());
+        let body = match cached {
+            Some(b) => b,
+            None => {
+                let b = Bytes::from(serde_json::to_vec(&self.mesh_view()).unwrap_or_default());
+                *self.mesh_cache.lock() = Some((Instant::now(), b.clone()));
+                b
+            }
+        };
+        let mut r = Response::new(Full::new(body).boxed());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
+    pub fn mesh_view(&self) -> traffic::MeshView {
+        let infos: Vec<traffic::NodeInfo> = self
+            .nodes
+            .lock()
+            .iter()
+            .map(|(id, e)| traffic::NodeInfo {
+                id: id.clone(),
+                namespace: e.node.namespace.clone(),
+                service: e.node.service.clone(),
+                identity: e.node.identity.to_string(),
+                address: (e.node.inbound_port > 0)
+                    .then(|| SocketAddr::new(e.node.address, e.node.inbound_port)),
+                connected: e.connected,
+                ready: e.ready,
+                draining: e.draining,
+                version: e.sent,
+                current: e.seen,
+                last_ack: e.last_ack.clone(),
+                last_nack: e.last_nack.clone(),
+            })
+            .collect();
+        let stats = self.traffic.lock().clone();
+        let (services, version) = {
+            let s = self.state.borrow();
+            let names: Vec<String> = s
+                .mesh
+                .services
+                .keys()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .collect();
+            (names, s.version)
+        };
+        let mut v = traffic::mesh_view(&infos, &stats, services, std::time::Instant::now());
+        v.version = version;
+        v.generated_at = unix_now();
+        v.reports_total = REPORT_RESULTS
+            .iter()
+            .zip(&self.reports_total)
+            .map(|(k, n)| (k.to_string(), n.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect();
+        v.report_memory_bytes = stats.values().map(|s| s.lock().approx_bytes() as u64).sum();
+        v
     }
 
     /// A proxy is stopping: it leaves its service's endpoints at once (not

@@ -11,6 +11,11 @@
 //! two thirds of its lifetime. With `cache_dir`, the last good snapshot and
 //! certificate are kept on disk so that a restart serves before the control
 //! plane answers.
+//!
+//! On the same session it reports its traffic counters (`POST /v1/report`,
+//! right after it has a config, then every 5 s): the control plane's
+//! dashboard and `/v1/mesh` are made from them. Why reports and not
+//! scrapes: see `crate::control_plane::report`.
 
 use crate::config::{Config, Feed};
 use crate::proxy::Proxy;
@@ -52,6 +57,11 @@ pub struct FeedClient {
     /// Said "ready" once, when the first config applied.
     ready_logged: std::sync::atomic::AtomicBool,
     next_url: std::sync::atomic::AtomicUsize,
+    /// True once a config applied: reports start then.
+    configured: tokio::sync::watch::Sender<bool>,
+    /// This process's counters: a new epoch tells the control plane they
+    /// started over.
+    epoch: u64,
 }
 
 impl FeedClient {
@@ -110,6 +120,8 @@ impl FeedClient {
             current: Mutex::new(None),
             ready_logged: Default::default(),
             next_url: Default::default(),
+            configured: tokio::sync::watch::Sender::new(false),
+            epoch: fastrand::u64(1..),
         }))
     }
 
@@ -373,6 +385,10 @@ impl FeedClient {
             c.node.namespace = mine.namespace.clone();
         }
         c.admin = self.bootstrap.admin.clone();
+        // Tracing is the proxy's own operational setting (its collector).
+        if c.tracing.is_none() {
+            c.tracing = self.bootstrap.tracing.clone();
+        }
         c.identity = self.bootstrap.identity.clone();
         c.feed = self.bootstrap.feed.clone();
         c
@@ -386,6 +402,7 @@ impl FeedClient {
         })?;
         let version = proxy.apply(merged).await.map_err(|e| e.to_string())?;
         *self.current.lock() = Some(config);
+        self.configured.send_replace(true);
         if !self
             .ready_logged
             .swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -411,7 +428,12 @@ impl FeedClient {
         }
     }
 
-    async fn session(&self, url: &str, proxy: &Proxy, backoff: &mut Backoff) -> Result<(), String> {
+    async fn session(
+        self: &Arc<Self>,
+        url: &str,
+        proxy: &Arc<Proxy>,
+        backoff: &mut Backoff,
+    ) -> Result<(), String> {
         let mut sender = self.connect(url).await?;
         let f = &self.feed;
         let n = &self.bootstrap.node;
@@ -445,6 +467,12 @@ impl FeedClient {
         }
         metrics().feed_connected.set(1);
         tracing::info!(%url, "feed connected");
+        // Reports go on this session, and end with it.
+        let _reporter = AbortOnDrop(tokio::spawn(self.clone().report(
+            sender.clone(),
+            url.to_string(),
+            proxy.clone(),
+        )));
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -535,6 +563,75 @@ impl FeedClient {
         if let Ok(resp) = sender.send_request(req).await {
             let _ = resp.into_body().collect().await;
         }
+    }
+
+    /// Reports the proxy's counters on the feed's connection: once a
+    /// config applied (at once when it has one already: a new session's
+    /// first report is the control plane's baseline), then every
+    /// `REPORT_INTERVAL`. Each report holds only what changed since the
+    /// last one this control plane took.
+    async fn report(
+        self: Arc<Self>,
+        mut sender: http2::SendRequest<Full<Bytes>>,
+        url: String,
+        proxy: Arc<Proxy>,
+    ) {
+        use crate::control_plane::report::{MAX_REPORT_BYTES, Outbox, REPORT_INTERVAL};
+        let mut configured = self.configured.subscribe();
+        if configured.wait_for(|c| *c).await.is_err() {
+            return;
+        }
+        let mut outbox = Outbox::default();
+        loop {
+            let (report, pending) = outbox.next(self.gather(&proxy), MAX_REPORT_BYTES);
+            let body = Bytes::from(serde_json::to_vec(&report).unwrap_or_default());
+            let req = self.request(http::Method::POST, &url, "/v1/report", body);
+            let sent = tokio::time::timeout(REPORT_INTERVAL, async {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let _ = resp.into_body().collect().await;
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(status.to_string())
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+            match sent {
+                Ok(()) => outbox.accepted(pending),
+                // A control plane that does not take reports (an older
+                // one) is no reason to stop serving; try again later.
+                Err(e) => tracing::debug!(%url, error = %e, "traffic report not taken"),
+            }
+            tokio::time::sleep(REPORT_INTERVAL).await;
+        }
+    }
+
+    /// Everything the registry holds, and which endpoints are ejected.
+    fn gather(&self, proxy: &Proxy) -> crate::control_plane::report::Report {
+        let text = crate::telemetry::render();
+        let mut r = crate::control_plane::report::Report::from_prometheus_text(
+            &String::from_utf8_lossy(&text),
+        );
+        r.node = self.bootstrap.node.id.clone();
+        r.epoch = self.epoch;
+        if !r.endpoints.is_empty() {
+            let snap = proxy.snapshot();
+            let now = crate::clock::now_ns();
+            for e in &mut r.endpoints {
+                if let Some(c) = snap.clusters.get(&e.cluster) {
+                    e.ejected_addresses = c
+                        .endpoints
+                        .iter()
+                        .filter(|ep| ep.health.state(now) == "ejected")
+                        .map(|ep| ep.addr.to_string())
+                        .collect();
+                }
+            }
+        }
+        r
     }
 
     /// Tells the control plane this proxy is stopping: its callers stop
@@ -631,6 +728,15 @@ impl rustls::client::ResolvesClientCert for StoreCert {
     }
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// Aborts a task when dropped: it lives as long as its owner's scope.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
