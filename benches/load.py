@@ -216,7 +216,7 @@ def outrigger_yaml(tmp, name, listeners, admin_port, policies=False, sampling=No
     route_extra = ""
     cluster_extra = ""
     if policies:
-        route_extra = ", timeout: 2s, retry: { attempts: 3, on: [gateway-error, connect-failure, reset], per_try_timeout: 500ms }"
+        route_extra = ", timeout: 2s, retry: { attempts: 3, retry_on: [gateway-error, connect-failure, reset], per_try_timeout: 500ms }"
         cluster_extra = ", circuit_breaker: { max_connections: 1024, max_pending: 1024, max_requests: 1024 }, outlier_detection: { consecutive_5xx: 5 }"
     path = os.path.join(tmp, name + ".yaml")
     with open(path, "w") as f:

@@ -53,7 +53,7 @@ def config(path, endpoints, variant):
         f.write("admin: { address: 127.0.0.1:%d, probes: 127.0.0.1:%d }\n" % (ADMIN, ADMIN + 1))
         f.write("listeners: [ { name: out, role: outbound, address: 127.0.0.1:%d } ]\n" % PROXY)
         f.write("routes: [ { name: r, backends: [ { cluster: a, weight: %d }, { cluster: b, weight: 1 } ], timeout: %s, "
-                "retry: { attempts: %d, on: [gateway-error, connect-failure, reset] } } ]\n" % (3 if variant else 1, timeout, attempts))
+                "retry: { attempts: %d, retry_on: [gateway-error, connect-failure, reset] } } ]\n" % (3 if variant else 1, timeout, attempts))
         f.write("clusters:\n")
         f.write("  - { name: a, protocol: http1, endpoints: [ %s ], outlier_detection: { consecutive_gateway_errors: 3, base_ejection: 5s } }\n" % eps)
         f.write("  - { name: b, protocol: http1, endpoints: [ %s ] }\n" % eps)

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod context;

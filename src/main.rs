@@ -24,8 +24,9 @@ struct Common {
     /// Worker threads (default: the CPUs this container may use).
     #[arg(long, env = "OUTRIGGER_THREADS")]
     threads: Option<usize>,
-    /// Log level when RUST_LOG is unset.
-    #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info")]
+    /// Log level when RUST_LOG is unset (trace, debug, info, warn, error,
+    /// off, or per-target directives such as `info,outrigger::proxy=debug`).
+    #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info", value_parser = outrigger::telemetry::check_log_level)]
     log_level: String,
     /// Longest wait for in-flight requests on shutdown.
     #[arg(long, env = "OUTRIGGER_DRAIN_TIMEOUT", default_value = "30s", value_parser = dur)]
@@ -58,8 +59,17 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Check a config file; print every error with its field path.
+    /// Check a config file; print every error and warning with its field
+    /// path and line (exit 1 on any error).
     Validate { file: PathBuf },
+    /// Check a running proxy from its admin port: ready, listeners bound,
+    /// clusters with a healthy endpoint, refused updates, certificate
+    /// expiry (exit 1 if a check fails).
+    Check {
+        /// The proxy's admin address.
+        #[arg(long, env = "OUTRIGGER_ADMIN", default_value = "127.0.0.1:15000")]
+        admin: String,
+    },
     /// Start a small local mesh on loopback to try Outrigger out.
     Demo {
         #[command(flatten)]
@@ -122,7 +132,7 @@ enum Cmd {
         /// Injection settings for the webhook (the chart's `inject.yaml`).
         #[arg(long, env = "OUTRIGGER_INJECT_CONFIG")]
         inject_config: Option<PathBuf>,
-        #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info")]
+        #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info", value_parser = outrigger::telemetry::check_log_level)]
         log_level: String,
     },
     /// Add the sidecar to Kubernetes YAML (Pods, Deployments, StatefulSets,
@@ -166,6 +176,41 @@ enum Cmd {
         /// Print the rules (iptables-restore input) instead of installing them.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Live traffic figures (rate, success, p50, p99): per service and
+    /// route of the mesh from a control plane's `/v1/mesh`, or per route of
+    /// one proxy from its admin port.
+    Stat {
+        /// The control plane, `https://HOST:PORT`.
+        #[arg(
+            long,
+            env = "OUTRIGGER_CONTROL_PLANE",
+            required_unless_present = "admin",
+            conflicts_with = "admin",
+            requires_all = ["token_file", "ca"]
+        )]
+        control_plane: Option<String>,
+        /// A bearer token the control plane knows (its --tokens file, or a
+        /// ServiceAccount token with audience `outrigger`).
+        #[arg(long, env = "OUTRIGGER_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// The mesh CA's certificate (ca.pem): what the control plane's
+        /// certificate chains to.
+        #[arg(long, env = "OUTRIGGER_CA")]
+        ca: Option<PathBuf>,
+        #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// The identity the control plane presents (default
+        /// spiffe://<trust domain>/ns/outrigger/sa/control-plane).
+        #[arg(long)]
+        control_plane_identity: Option<String>,
+        /// One proxy's admin address instead (`127.0.0.1:15000`): figures
+        /// from two scrapes of its /metrics 1 s apart.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Redraw every 2 s until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// A developer CA for local mTLS: `ca init DIR`, `ca issue --spiffe ID`.
     Ca {
@@ -260,22 +305,14 @@ fn main() -> ExitCode {
         });
     }
     match cli.cmd {
-        Cmd::Validate { file } => match Config::load(&file) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} listeners, {} routes, {} clusters)",
-                    file.display(),
-                    c.listeners.len(),
-                    c.routes.len(),
-                    c.clusters.len()
-                );
+        Cmd::Validate { file } => validate(&file),
+        Cmd::Check { admin } => {
+            if outrigger::check::run(&admin) {
                 ExitCode::SUCCESS
-            }
-            Err(e) => {
-                report(&file, &e);
+            } else {
                 ExitCode::from(1)
             }
-        },
+        }
         Cmd::Run {
             config,
             config_yaml,
@@ -292,7 +329,7 @@ fn main() -> ExitCode {
                 (Some(c), _) => c,
                 (None, Some(text)) => {
                     let from = PathBuf::from("$OUTRIGGER_CONFIG_YAML");
-                    return match Config::from_yaml(&text) {
+                    return match Config::load_text(&text) {
                         Ok(c) => block_on(&opts, run::serve(c, None, &opts)),
                         Err(e) => {
                             report(&from, &LoadError::Invalid(e));
@@ -318,7 +355,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let parsed = match Config::from_yaml(&String::from_utf8_lossy(&bytes)) {
+            let parsed = match Config::load_text(&String::from_utf8_lossy(&bytes)) {
                 Ok(c) => c,
                 Err(e) => {
                     report(&config, &LoadError::Invalid(e));
@@ -328,6 +365,33 @@ fn main() -> ExitCode {
             block_on(&opts, run::serve(parsed, Some((config, bytes)), &opts))
         }
         Cmd::Ca { cmd } => ca(cmd),
+        Cmd::Stat {
+            control_plane,
+            token_file,
+            ca,
+            trust_domain,
+            control_plane_identity,
+            admin,
+            watch,
+        } => {
+            let opts = Options {
+                threads: 1,
+                drain_timeout: Duration::from_secs(1),
+                watch_interval: Duration::from_secs(1),
+            };
+            block_on(
+                &opts,
+                outrigger::control_plane::stat::run(outrigger::control_plane::stat::Options {
+                    control_plane,
+                    token_file,
+                    ca,
+                    trust_domain,
+                    control_plane_identity,
+                    admin,
+                    watch,
+                }),
+            )
+        }
         Cmd::Init {
             proxy_uid,
             outbound_port,
@@ -504,6 +568,53 @@ fn ca(cmd: CaCmd) -> ExitCode {
             eprintln!("outrigger ca: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `outrigger validate`: every error and warning, each with its path and
+/// line; exit 1 on any error, 0 when there are only warnings.
+fn validate(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(source) => {
+            let path = file.display().to_string();
+            report(file, &LoadError::Read { path, source });
+            return ExitCode::from(1);
+        }
+    };
+    let checked = Config::check_yaml(&text);
+    let name = file.display();
+    let warnings = checked.warnings.len();
+    match &checked.config {
+        Some(c) => println!(
+            "{name}: ok ({} listeners, {} routes, {} clusters){}",
+            c.listeners.len(),
+            c.routes.len(),
+            c.clusters.len(),
+            match warnings {
+                0 => String::new(),
+                n => format!(", {n} warning(s)"),
+            }
+        ),
+        None => eprintln!(
+            "{name}: {} error(s){}",
+            checked.errors.len(),
+            match warnings {
+                0 => String::new(),
+                n => format!(", {n} warning(s)"),
+            }
+        ),
+    }
+    for e in &checked.errors {
+        eprintln!("  error: {e}");
+    }
+    for w in &checked.warnings {
+        eprintln!("  warning: {w}");
+    }
+    if checked.config.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

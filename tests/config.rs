@@ -38,6 +38,9 @@ fn validate_accepts_the_shipped_examples() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+        // No warning either: the examples use `retry_on`, not `on`.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("warning"), "{f}: {err}");
     }
 }
 
@@ -76,6 +79,156 @@ clusters:
     let (ok, _, err) = validate("listeners: [ { name: x, role: sideways, address: 1.2.3.4:5 } ]\n");
     assert!(!ok);
     assert!(err.contains("listeners[0].role"), "{err}");
+}
+
+/// Sixteen mistakes of every kind; the line of each is the number after `#`.
+const MANY_MISTAKES: &str = r#"node: { id: web-1, servce: web }                   #1
+listeners:
+  - name: out
+    role: outbound
+    address: 127.0.0.1:15001
+    idle_timeout: 500 ms                                #6
+    header_read_timout: 10s                             #7
+    max_connections: lots                               #8
+  - name: in
+    role: sideways                                      #10
+    address: 0.0.0.0:15006
+    forward_to: 127.0.0.1:8080
+routes:
+  - name: orders
+    match: { host: orders, path_prefx: /api }           #15
+    backends: [ { cluster: orders, weight: heavy } ]    #16
+    timeout: 2                                          #17
+    retry:
+      attempts: 3
+      retry_on: [gateway-error]
+      per_try_timeout: 1h30                             #21
+      backof: { base: 1ms }                             #22
+  - name: payments
+    backends: [ { cluster: payments } ]                 #24
+clusters:
+  - name: orders
+    lb: round-robbin                                    #27
+    connect_timeout: 1m30s
+    colour: red                                         #29
+    endpoints: [ { address: 10.0.0.1:80 }, { address: not-an-address } ]   #30
+    outlier_detection: { consecutive_5xx: -1 }          #31
+    health_check: { path: /healthz, interval: 5 s }     #32
+"#;
+
+#[test]
+fn validate_reports_every_mistake_in_one_run() {
+    let (ok, out, err) = validate(MANY_MISTAKES);
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains(": 16 error(s)"), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("  error: ")).collect();
+    assert_eq!(errors.len(), 16, "{err}");
+    for (line, what) in [
+        (1, "node: unknown field `servce`: did you mean `service`?"),
+        (
+            6,
+            "listeners[0].idle_timeout: `500 ms`: no spaces inside a duration",
+        ),
+        (7, "did you mean `header_read_timeout`?"),
+        (8, "listeners[0].max_connections: invalid type"),
+        (10, "listeners[1].role: unknown variant `sideways`"),
+        (
+            15,
+            "routes[0].match: unknown field `path_prefx`: did you mean `path_prefix`?",
+        ),
+        (16, "routes[0].backends[0].weight: invalid type"),
+        (17, "routes[0].timeout: `2` has no unit"),
+        (21, "routes[0].retry.per_try_timeout: `1h30`"),
+        (
+            22,
+            "routes[0].retry: unknown field `backof`: did you mean `backoff`?",
+        ),
+        (
+            24,
+            "routes[1].backends[0].cluster: no cluster named `payments`",
+        ),
+        (
+            27,
+            "clusters[0].lb: unknown variant `round-robbin`: did you mean `round-robin`?",
+        ),
+        (29, "clusters[0]: unknown field `colour`"),
+        (30, "clusters[0].endpoints[1].address"),
+        (31, "clusters[0].outlier_detection.consecutive_5xx"),
+        (32, "clusters[0].health_check.interval: `5 s`: no spaces"),
+    ] {
+        let want = format!("at line {line} column ");
+        assert!(
+            errors.iter().any(|l| l.contains(what) && l.contains(&want)),
+            "no `{what}` {want} in\n{err}"
+        );
+    }
+}
+
+#[test]
+fn validate_passes_with_only_warnings() {
+    let (ok, out, err) = validate(
+        r#"listeners:
+  - { name: out, role: outbound, address: 127.0.0.1:15001 }
+routes:
+  - name: orders
+    match: { host: orders, path_prefix: /api }
+    backends: [ { cluster: orders } ]
+    retry: { attempts: 2, on: [5xx], per_try_timeout: 1s500ms }
+  - name: orders-again
+    match: { path_prefix: /api, host: orders }
+    backends: [ { cluster: spare } ]
+clusters:
+  - { name: orders, connect_timeout: 1m30s, endpoints: [ { address: 127.0.0.1:8080 } ] }
+  - { name: spare }
+"#,
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(": ok (1 listeners, 2 routes, 2 clusters), 3 warning(s)"),
+        "{out}"
+    );
+    assert!(
+        err.contains("  warning: routes[0].retry.on: `on` is deprecated, write `retry_on`")
+            && err.contains("at line 7 column 27"),
+        "{err}"
+    );
+    assert!(
+        err.contains("  warning: routes[1]: route `orders-again` is never used: route `orders` (routes[0]) has the same match on the same listeners and comes first at line 8 column 5"),
+        "{err}"
+    );
+    assert!(
+        err.contains("  warning: clusters[1]: cluster `spare` has no endpoints: requests routed to it get 503 at line 13 column 5"),
+        "{err}"
+    );
+    assert!(!err.contains("error"), "{err}");
+}
+
+#[test]
+fn an_unknown_log_level_is_refused_at_start() {
+    let dir = temp_dir();
+    let f = dir.join("c.yaml");
+    std::fs::write(
+        &f,
+        "listeners: [ { name: out, role: outbound, address: 127.0.0.1:0 } ]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--log-level", "verbose", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("`verbose` is not a log level"), "{err}");
+    // The environment variable is checked the same way.
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&f)
+        .env("OUTRIGGER_LOG_LEVEL", "loud")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`loud`"));
 }
 
 fn two_cluster_yaml(a: &Upstream, b: &Upstream, target: &str) -> String {
@@ -147,15 +300,33 @@ async fn invalid_edit_is_counted_and_the_old_config_keeps_serving() {
         p.metric("outrigger_feed_updates_total", &["nack"]),
         Some(1.0)
     );
-    p.wait_log(|l| l.contains("invalid config") && l.contains("routes[0].backends[0].cluster"));
+    let line =
+        p.wait_log(|l| l.contains("invalid config") && l.contains("routes[0].backends[0].cluster"));
+    // The errors are a JSON array, not a string inside a string.
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        v["fields"]["errors"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("routes[0].backends[0].cluster"),
+        "{line}"
+    );
     assert_eq!(get(&c, "svc", "/").await.text(), "a");
     // Not YAML at all → rejected too.
     assert!(!p.reload("listeners: [ {"));
     assert_eq!(get(&c, "svc", "/").await.text(), "a");
     assert_eq!(p.metric("outrigger_config_version", &[]), Some(1.0));
-    // The next good edit applies.
+    // The next good edit applies, and the log says what changed.
     assert!(p.reload(&two_cluster_yaml(&a, &b, "b")));
     assert_eq!(get(&c, "svc", "/").await.text(), "b");
+    let line = p.wait_log(|l| l.contains("config applied") && l.contains("\"changes\""));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        v["fields"]["changes"]["routes"]["changed"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,7 @@ fn one_route(route_extra: &str, cluster_extra: &str, ups: &[&Upstream]) -> Strin
 async fn retries_hide_an_upstream_failing_one_request_in_three() {
     let flaky = Upstream::with("flaky", opts(|o| o.fail_every = Some((3, 503)))).await;
     let p = ProxyProc::start(&one_route(
-        ", retry: { attempts: 3, on: [gateway-error], backoff: { base: 1ms, max: 5ms }, budget: { percent: 50, min_per_second: 10 } }",
+        ", retry: { attempts: 3, retry_on: [gateway-error], backoff: { base: 1ms, max: 5ms }, budget: { percent: 50, min_per_second: 10 } }",
         "",
         &[&flaky],
     ));
@@ -68,7 +68,7 @@ async fn retries_hide_an_upstream_failing_one_request_in_three() {
 async fn post_is_not_retried_unless_the_route_allows_it_and_large_bodies_never_are() {
     let down = Upstream::with("down", opts(|o| o.status = Some(503))).await;
     let yaml = format!(
-        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes:\n  - {{ name: safe, match: {{ host: safe }}, backends: [ {{ cluster: c }} ], retry: {{ attempts: 3, on: [5xx], backoff: {{ base: 1ms, max: 2ms }} }} }}\n  - {{ name: posts, match: {{ host: posts }}, backends: [ {{ cluster: c }} ], retry: {{ attempts: 3, on: [5xx], non_idempotent: true, backoff: {{ base: 1ms, max: 2ms }} }} }}\nclusters: [ {{ name: c, endpoints: [ {} ] }} ]\n",
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes:\n  - {{ name: safe, match: {{ host: safe }}, backends: [ {{ cluster: c }} ], retry: {{ attempts: 3, retry_on: [5xx], backoff: {{ base: 1ms, max: 2ms }} }} }}\n  - {{ name: posts, match: {{ host: posts }}, backends: [ {{ cluster: c }} ], retry: {{ attempts: 3, retry_on: [5xx], non_idempotent: true, backoff: {{ base: 1ms, max: 2ms }} }} }}\nclusters: [ {{ name: c, endpoints: [ {} ] }} ]\n",
         eps(&[&down])
     );
     let p = ProxyProc::start(&yaml);
@@ -108,7 +108,7 @@ async fn post_is_not_retried_unless_the_route_allows_it_and_large_bodies_never_a
 async fn the_retry_budget_keeps_a_dead_cluster_from_a_retry_storm() {
     let dead = Upstream::with("dead", opts(|o| o.status = Some(503))).await;
     let p = ProxyProc::start(&one_route(
-        ", retry: { attempts: 5, on: [5xx], backoff: { base: 1ms, max: 2ms }, budget: { percent: 20, min_per_second: 0 } }",
+        ", retry: { attempts: 5, retry_on: [5xx], backoff: { base: 1ms, max: 2ms }, budget: { percent: 20, min_per_second: 0 } }",
         "",
         &[&dead],
     ));
@@ -146,7 +146,7 @@ async fn route_timeout_spans_retries_and_per_try_timeout_moves_on() {
     let slow = Upstream::with("slow", opts(|o| o.delay = Some(Duration::from_secs(5)))).await;
     let fast = Upstream::start("fast").await;
     let yaml = format!(
-        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes:\n  - {{ name: stuck, match: {{ host: stuck }}, backends: [ {{ cluster: slow }} ], timeout: 300ms, retry: {{ attempts: 5, on: [5xx], per_try_timeout: 100ms, backoff: {{ base: 1ms, max: 1ms }}, budget: {{ percent: 100 }} }} }}\n  - {{ name: mixed, match: {{ host: mixed }}, backends: [ {{ cluster: mixed }} ], timeout: 10s, retry: {{ attempts: 2, on: [gateway-error], per_try_timeout: 100ms }} }}\nclusters:\n  - {{ name: slow, endpoints: [ {} ] }}\n  - {{ name: mixed, lb: round-robin, endpoints: [ {} ] }}\n",
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]\nroutes:\n  - {{ name: stuck, match: {{ host: stuck }}, backends: [ {{ cluster: slow }} ], timeout: 300ms, retry: {{ attempts: 5, retry_on: [5xx], per_try_timeout: 100ms, backoff: {{ base: 1ms, max: 1ms }}, budget: {{ percent: 100 }} }} }}\n  - {{ name: mixed, match: {{ host: mixed }}, backends: [ {{ cluster: mixed }} ], timeout: 10s, retry: {{ attempts: 2, retry_on: [gateway-error], per_try_timeout: 100ms }} }}\nclusters:\n  - {{ name: slow, endpoints: [ {} ] }}\n  - {{ name: mixed, lb: round-robin, endpoints: [ {} ] }}\n",
         eps(&[&slow]),
         eps(&[&slow, &fast])
     );
@@ -540,7 +540,7 @@ async fn retries_move_to_another_endpoint() {
     // Random balancing: without avoidance a quarter of the requests would
     // draw the bad endpoint twice.
     let yaml = one_route(
-        ", retry: { attempts: 2, on: [5xx], backoff: { base: 1ms, max: 1ms }, budget: { percent: 100 } }",
+        ", retry: { attempts: 2, retry_on: [5xx], backoff: { base: 1ms, max: 1ms }, budget: { percent: 100 } }",
         "",
         &[&bad, &good],
     )

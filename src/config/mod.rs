@@ -6,11 +6,15 @@
 //! touches these structs: `route` and `balance` compile them into their own
 //! types once per snapshot.
 
+mod diff;
 mod duration;
+mod lint;
 mod policy;
 mod security;
 
+pub use diff::diff;
 pub use duration::{Dur, parse_duration};
+pub use lint::Checked;
 pub use policy::*;
 pub use security::*;
 
@@ -641,15 +645,38 @@ pub struct ConfigErrors(pub Vec<FieldError>);
 pub struct FieldError {
     pub path: String,
     pub message: String,
+    /// Where in the document, when it was read from text.
+    pub at: Option<Location>,
+}
+
+/// A position in a YAML document, both counted from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl FieldError {
+    pub fn new(path: String, message: String) -> FieldError {
+        FieldError {
+            path,
+            message,
+            at: None,
+        }
+    }
 }
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.path.is_empty() {
-            f.write_str(&self.message)
+            f.write_str(&self.message)?;
         } else {
-            write!(f, "{}: {}", self.path, self.message)
+            write!(f, "{}: {}", self.path, self.message)?;
         }
+        if let Some(at) = self.at {
+            write!(f, " at line {} column {}", at.line, at.column)?;
+        }
+        Ok(())
     }
 }
 
@@ -678,19 +705,39 @@ pub enum LoadError {
 }
 
 impl Config {
-    /// Parses and validates a YAML document.
+    /// Parses and validates a YAML document: every error (unknown fields,
+    /// wrong types, bad values, semantic problems) with its path and line.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| {
-            // serde_yaml prefixes the field path and appends the line.
-            let msg = e.to_string();
-            let (path, message) = match msg.split_once(": ") {
-                Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
-                _ => (String::new(), msg),
-            };
-            ConfigErrors(vec![FieldError { path, message }])
-        })?;
-        config.validate()?;
-        Ok(config)
+        let checked = lint::check(text, false);
+        match checked.config {
+            Some(c) => Ok(c),
+            None => Err(ConfigErrors(checked.errors)),
+        }
+    }
+
+    /// `from_yaml` with the warnings too (shadowed routes, clusters with no
+    /// endpoints, deprecated spellings): what `outrigger validate` prints.
+    pub fn check_yaml(text: &str) -> Checked {
+        lint::check(text, true)
+    }
+
+    /// `from_yaml` for a document about to be served: its warnings are
+    /// logged.
+    pub fn load_text(text: &str) -> Result<Config, ConfigErrors> {
+        let checked = Config::check_yaml(text);
+        if !checked.warnings.is_empty() {
+            let list: Vec<String> = checked.warnings.iter().map(|w| w.to_string()).collect();
+            crate::telemetry::log_json(
+                "WARN",
+                "outrigger::config",
+                "config warnings",
+                serde_json::json!({ "warnings": list }),
+            );
+        }
+        match checked.config {
+            Some(c) => Ok(c),
+            None => Err(ConfigErrors(checked.errors)),
+        }
     }
 
     pub fn load(path: &Path) -> Result<Config, LoadError> {
@@ -709,7 +756,7 @@ impl Config {
     /// Collects every semantic problem with its field path.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errs = Vec::new();
-        let mut err = |path: String, message: String| errs.push(FieldError { path, message });
+        let mut err = |path: String, message: String| errs.push(FieldError::new(path, message));
 
         if !self.admin.address.ip().is_loopback() {
             err(
@@ -1088,7 +1135,7 @@ impl Config {
                 {
                     err(
                         format!("{rp}.retriable_status_codes"),
-                        "is empty but `on` lists retriable-status-codes".into(),
+                        "is empty but `retry_on` lists retriable-status-codes".into(),
                     );
                 }
                 for (j, c) in rt.retriable_status_codes.iter().enumerate() {
@@ -1371,6 +1418,207 @@ clusters:
         );
         let s = Config::from_yaml(&bad).unwrap_err().to_string();
         assert!(s.contains("clusters[0].connect_timeout"), "{s}");
+    }
+
+    /// Many mistakes of every kind, one per line (the line is the number
+    /// after `#`): one pass reports them all, each on its own line.
+    const MANY_MISTAKES: &str = r#"node: { id: web-1, servce: web }                   #1
+listeners:
+  - name: out
+    role: outbound
+    address: 127.0.0.1:15001
+    idle_timeout: 500 ms                                #6
+    header_read_timout: 10s                             #7
+    max_connections: lots                               #8
+  - name: in
+    role: sideways                                      #10
+    address: 0.0.0.0:15006
+    forward_to: 127.0.0.1:8080
+routes:
+  - name: r1
+    match: { host: orders, path_prefx: /api }           #15
+    backends: [ { cluster: orders, weight: heavy } ]    #16
+    timeout: 2                                          #17
+    retry:
+      attempts: 3
+      retry_on: [gateway-error]
+      per_try_timeout: 1h30                             #21
+      backof: { base: 1ms }                             #22
+  - name: r2
+    backends: [ { cluster: nope } ]                     #24
+clusters:
+  - name: orders
+    lb: round-robbin                                    #27
+    connect_timeout: 1m30s
+    colour: red                                         #29
+    endpoints: [ { address: 10.0.0.1:80 }, { address: not-an-address } ]   #30
+    outlier_detection: { consecutive_5xx: -1 }          #31
+    health_check: { path: /healthz, interval: 5 s }     #32
+"#;
+
+    #[test]
+    fn every_mistake_is_reported_in_one_pass_with_its_line() {
+        let errs = Config::from_yaml(MANY_MISTAKES).unwrap_err().0;
+        let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        let want: &[(&str, &str, usize)] = &[
+            ("node", "unknown field `servce`: did you mean `service`?", 1),
+            (
+                "listeners[0].idle_timeout",
+                "no spaces inside a duration (write `500ms`)",
+                6,
+            ),
+            (
+                "listeners[0]",
+                "unknown field `header_read_timout`: did you mean `header_read_timeout`?",
+                7,
+            ),
+            (
+                "listeners[0].max_connections",
+                "invalid type: string \"lots\"",
+                8,
+            ),
+            ("listeners[1].role", "unknown variant `sideways`", 10),
+            (
+                "routes[0].match",
+                "unknown field `path_prefx`: did you mean `path_prefix`?",
+                15,
+            ),
+            (
+                "routes[0].backends[0].weight",
+                "invalid type: string \"heavy\"",
+                16,
+            ),
+            ("routes[0].timeout", "`2` has no unit", 17),
+            (
+                "routes[0].retry.per_try_timeout",
+                "`1h30`: `30` at the end has no unit",
+                21,
+            ),
+            (
+                "routes[0].retry",
+                "unknown field `backof`: did you mean `backoff`?",
+                22,
+            ),
+            (
+                "routes[1].backends[0].cluster",
+                "no cluster named `nope`",
+                24,
+            ),
+            (
+                "clusters[0].lb",
+                "unknown variant `round-robbin`: did you mean `round-robin`?",
+                27,
+            ),
+            ("clusters[0]", "unknown field `colour`, expected one of", 29),
+            (
+                "clusters[0].endpoints[1].address",
+                "invalid socket address syntax",
+                30,
+            ),
+            (
+                "clusters[0].outlier_detection.consecutive_5xx",
+                "invalid type: integer `-1`, expected u32",
+                31,
+            ),
+            (
+                "clusters[0].health_check.interval",
+                "no spaces inside a duration",
+                32,
+            ),
+        ];
+        for (path, msg, line) in want {
+            let found = errs
+                .iter()
+                .find(|e| e.path == *path && e.message.contains(msg));
+            let Some(e) = found else {
+                panic!("no `{path}: {msg}` in\n{}", shown.join("\n"))
+            };
+            assert_eq!(e.at.map(|a| a.line), Some(*line), "{e}");
+            assert!(
+                e.to_string().contains(&format!("at line {line} column ")),
+                "{e}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{}", shown.join("\n"));
+        // In document order.
+        let lines: Vec<usize> = errs.iter().filter_map(|e| e.at.map(|a| a.line)).collect();
+        assert!(lines.is_sorted(), "{lines:?}");
+    }
+
+    #[test]
+    fn a_repaired_item_does_not_echo_its_stand_in() {
+        // Listener `in` has a bad role: the stand-in role must not bring
+        // errors of its own; the semantic check of the rest still runs.
+        let bad = GOOD.replace("role: outbound", "role: sideways")
+            + "  - { name: d, endpoints: [ { address: 127.0.0.1:8080 } ], connect_timeout: 0s }\n";
+        let errs = Config::from_yaml(&bad).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["listeners[0].role", "clusters[1].connect_timeout"],
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_keep_their_line() {
+        let e = Config::from_yaml("listeners:\n  - { name: a\nroutes: []\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].message.starts_with("not valid YAML"), "{}", e[0]);
+        assert!(e[0].at.is_some(), "{}", e[0]);
+    }
+
+    #[test]
+    fn warnings_for_shadowed_routes_empty_clusters_and_on() {
+        let text = r#"
+listeners:
+  - { name: out, role: outbound, address: 127.0.0.1:15001 }
+  - { name: in, role: inbound, address: 127.0.0.1:15006, forward_to: 127.0.0.1:8080 }
+routes:
+  - name: first
+    match: { host: [b.svc, A.svc], methods: [get] }
+    backends: [ { cluster: c } ]
+  - name: second
+    listeners: [out]
+    match: { host: [a.svc, b.svc], methods: [GET] }
+    backends: [ { cluster: c } ]
+    retry: { on: [5xx] }
+  - name: on-inbound
+    listeners: [in]
+    match: { host: [a.svc, b.svc], methods: [GET] }
+    backends: [ { cluster: c } ]
+clusters:
+  - { name: c, endpoints: [ { address: 127.0.0.1:8080 } ] }
+  - { name: empty }
+"#;
+        let checked = Config::check_yaml(text);
+        assert!(checked.errors.is_empty(), "{:?}", checked.errors);
+        let c = checked.config.expect("valid");
+        assert_eq!(
+            c.routes[1].retry.as_ref().unwrap().on,
+            vec![RetryOn::FiveXx]
+        );
+        let w: Vec<String> = checked.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(
+            w[0].starts_with("routes[1]: route `second` is never used: route `first`")
+                && w[0].ends_with("at line 9 column 5"),
+            "{w:#?}"
+        );
+        assert!(
+            w[1].starts_with("routes[1].retry.on: `on` is deprecated, write `retry_on`")
+                && w[1].contains("line 13"),
+            "{w:#?}"
+        );
+        assert!(
+            w[2].starts_with("clusters[1]: cluster `empty` has no endpoints")
+                && w[2].contains("line 20"),
+            "{w:#?}"
+        );
+        // `retry_on` is what is written back.
+        assert!(c.to_yaml().contains("retry_on:"), "{}", c.to_yaml());
     }
 
     #[test]

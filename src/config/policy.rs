@@ -37,7 +37,10 @@ pub struct Retry {
     /// Attempts in all, the first included.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
-    #[serde(default = "default_retry_on")]
+    /// What is retried. Written `retry_on`: YAML 1.1 tools (PyYAML, many
+    /// linters) read a bare `on` key as the boolean `true`. `on` is still
+    /// read, with a deprecation warning.
+    #[serde(rename = "retry_on", alias = "on", default = "default_retry_on")]
     pub on: Vec<RetryOn>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retriable_status_codes: Vec<u16>,

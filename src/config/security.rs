@@ -162,7 +162,7 @@ pub struct AllowRule {
 
 /// The checks of the security sections, appended to `errs`.
 pub(super) fn validate_security(c: &super::Config, errs: &mut Vec<FieldError>) {
-    let mut err = |path: String, message: String| errs.push(FieldError { path, message });
+    let mut err = |path: String, message: String| errs.push(FieldError::new(path, message));
     if let Some(f) = &c.feed {
         if f.control_plane.is_empty() {
             err(

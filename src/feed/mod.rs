@@ -58,23 +58,37 @@ pub async fn watch_file(path: PathBuf, proxy: Arc<Proxy>, interval: Duration, mu
 /// Validates and applies one document; counts and logs the result.
 pub async fn apply_text(proxy: &Proxy, text: &str) -> bool {
     let m = metrics();
-    match Config::from_yaml(text) {
-        Ok(config) => match proxy.apply(config).await {
-            Ok(version) => {
-                m.feed_updates.with_label_values(&["ack"]).inc();
-                tracing::info!(version, "config applied");
-                true
+    match Config::load_text(text) {
+        Ok(config) => {
+            let before = proxy.snapshot().config.clone();
+            match proxy.apply(config.clone()).await {
+                Ok(version) => {
+                    m.feed_updates.with_label_values(&["ack"]).inc();
+                    let changes = crate::config::diff(&before, &config);
+                    crate::telemetry::log_json(
+                        "INFO",
+                        "outrigger::feed",
+                        "config applied",
+                        serde_json::json!({ "version": version, "changes": changes }),
+                    );
+                    true
+                }
+                Err(e) => {
+                    m.feed_updates.with_label_values(&["nack"]).inc();
+                    tracing::warn!(error = %e, "config rejected; keeping the running one");
+                    false
+                }
             }
-            Err(e) => {
-                m.feed_updates.with_label_values(&["nack"]).inc();
-                tracing::warn!(error = %e, "config rejected; keeping the running one");
-                false
-            }
-        },
+        }
         Err(errors) => {
             m.feed_updates.with_label_values(&["nack"]).inc();
             let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
-            tracing::warn!(errors = ?list, "invalid config; keeping the running one");
+            crate::telemetry::log_json(
+                "WARN",
+                "outrigger::feed",
+                "invalid config; keeping the running one",
+                serde_json::json!({ "errors": list }),
+            );
             false
         }
     }

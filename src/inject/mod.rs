@@ -288,6 +288,8 @@ pub fn inject_pod(pod: &mut Value, s: &Settings) -> Result<Outcome, PodError> {
     if !pod.is_object() {
         return Err((String::new(), "a pod must be a mapping".into()));
     }
+    let owned = per_pod(pod, s)?;
+    let s = &owned;
     let spec = pod
         .get("spec")
         .filter(|s| s.is_object())
@@ -487,6 +489,62 @@ fn rewrite_probes(c: &mut Value, s: &Settings, out: &mut serde_json::Map<String,
             }
         }
     }
+}
+
+/// The pod's own annotations over the settings: excluded ports and CIDRs,
+/// and the proxy's resources.
+fn per_pod(pod: &Value, s: &Settings) -> Result<Settings, PodError> {
+    let mut s = s.clone();
+    let field = |k: &str| format!("metadata.annotations.{k}");
+    let ports = |k: &str, v: &str| -> Result<Vec<u16>, PodError> {
+        v.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| (field(k), format!("`{p}` is not a port")))
+            })
+            .collect()
+    };
+    let k = "outrigger.io/exclude-inbound-ports";
+    if let Some(v) = annotation(pod, k) {
+        s.exclude_inbound_ports.extend(ports(k, v)?);
+    }
+    let k = "outrigger.io/exclude-outbound-ports";
+    if let Some(v) = annotation(pod, k) {
+        s.exclude_outbound_ports.extend(ports(k, v)?);
+    }
+    let k = "outrigger.io/exclude-outbound-cidrs";
+    if let Some(v) = annotation(pod, k) {
+        for c in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            crate::intercept::rules::parse_cidr(c)
+                .map_err(|_| (field(k), format!("`{c}` is not an address/prefix")))?;
+            s.exclude_outbound_cidrs.push(c.to_string());
+        }
+    }
+    for (k, kind, res) in [
+        ("outrigger.io/proxy-cpu-request", "requests", "cpu"),
+        ("outrigger.io/proxy-memory-request", "requests", "memory"),
+        ("outrigger.io/proxy-cpu-limit", "limits", "cpu"),
+        ("outrigger.io/proxy-memory-limit", "limits", "memory"),
+    ] {
+        if let Some(v) = annotation(pod, k) {
+            // A Kubernetes quantity: digits, an optional fraction and suffix.
+            let ok = !v.is_empty()
+                && v.chars().next().is_some_and(|c| c.is_ascii_digit())
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
+            if !ok {
+                return Err((field(k), format!("`{v}` is not a quantity")));
+            }
+            if !s.resources.is_object() {
+                s.resources = json!({});
+            }
+            s.resources[kind][res] = json!(v);
+        }
+    }
+    Ok(s)
 }
 
 fn probe(s: &Settings, path: &str, period: u32, failures: u32) -> Value {
@@ -753,6 +811,38 @@ spec:
         let host = DEPLOY.replace("serviceAccountName: web-sa", "hostNetwork: true");
         let e = inject_yaml(&host, &settings()).unwrap_err();
         assert_eq!(e.field, "spec.template.spec.hostNetwork");
+    }
+
+    #[test]
+    fn a_pods_annotations_tune_its_sidecar() {
+        let annotated = DEPLOY.replace(
+            "metadata: { labels: { app: web } }",
+            "metadata: { labels: { app: web }, annotations: { outrigger.io/exclude-outbound-ports: \"5432, 6379\", outrigger.io/exclude-inbound-ports: \"9090\", outrigger.io/exclude-outbound-cidrs: 10.0.0.0/8, outrigger.io/proxy-memory-limit: 64Mi } }",
+        );
+        let v: Value =
+            serde_yaml::from_str(&inject_yaml(&annotated, &settings()).unwrap()).unwrap();
+        let spec = &v["spec"]["template"]["spec"];
+        let args = spec["initContainers"][0]["args"].to_string();
+        assert!(args.contains("\"5432,6379\""), "{args}");
+        assert!(args.contains("\"15020,9090\""), "{args}");
+        assert!(args.contains("10.0.0.0/8"), "{args}");
+        assert_eq!(
+            spec["initContainers"][1]["resources"]["limits"]["memory"],
+            "64Mi"
+        );
+        assert_eq!(
+            spec["initContainers"][1]["resources"]["requests"]["memory"],
+            "17Mi"
+        );
+        let bad = DEPLOY.replace(
+            "metadata: { labels: { app: web } }",
+            "metadata: { labels: { app: web }, annotations: { outrigger.io/exclude-outbound-ports: \"http\" } }",
+        );
+        let e = inject_yaml(&bad, &settings()).unwrap_err();
+        assert_eq!(
+            e.field,
+            "spec.template.metadata.annotations.outrigger.io/exclude-outbound-ports"
+        );
     }
 
     #[test]

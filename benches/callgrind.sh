@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Instructions per request, by callgrind (repeatable whatever else the
+# machine is doing): one Outrigger worker in front of NGINX (64-byte body),
+# N requests of each kind, the proxy's whole run counted (start-up ~1 M).
+#
+#   bash benches/callgrind.sh                 # bare route, HTTP/1.1 and h2c
+#   ROUTE=policies bash benches/callgrind.sh  # retries, both timeouts, breaker, outlier
+#   ROUTE=tracing bash benches/callgrind.sh   # tracing on, 100 % sampled, spans to a sink
+#   N=20000 KINDS=h1 bash benches/callgrind.sh
+#
+# Prints `instructions: <kind> <total> (<per request>)`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-20000}
+KINDS=${KINDS:-h1 h2}
+ROUTE=${ROUTE:-bare}
+BIN=${BIN:-target/release/outrigger}
+[ -x "$BIN" ] || cargo build --release --bin outrigger
+tmp=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port)
+mkdir -p "$tmp/nginx"
+cat >"$tmp/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $tmp/nginx.pid;
+error_log $tmp/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $tmp/nginx;
+  proxy_temp_path $tmp/nginx;
+  fastcgi_temp_path $tmp/nginx;
+  uwsgi_temp_path $tmp/nginx;
+  scgi_temp_path $tmp/nginx;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP; location / { return 200 "$(printf 'x%.0s' $(seq 63))\n"; } }
+}
+EOF
+nginx -c "$tmp/nginx.conf" -p "$tmp" &
+extra_route="" extra_cluster="" tracing=""
+case "$ROUTE" in
+  policies)
+    extra_route=", timeout: 2s, retry: { attempts: 3, retry_on: [gateway-error, connect-failure, reset], per_try_timeout: 500ms }"
+    extra_cluster=", circuit_breaker: { max_connections: 1024, max_pending: 1024, max_requests: 1024 }, outlier_detection: { consecutive_5xx: 5 }"
+    ;;
+  tracing)
+    SINK=$(free_port)
+    python3 - "$SINK" <<'PY' &
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+    tracing="tracing: { otlp: \"http://127.0.0.1:$SINK/v1/traces\", sampling: 1.0 }"
+    ;;
+esac
+for kind in $KINDS; do
+  P=$(free_port)
+  A=$(free_port)
+  cat >"$tmp/c.yaml" <<EOF
+admin: { address: 127.0.0.1:$A, probes: 127.0.0.1:$((A + 1)) }
+listeners: [ { name: out, role: outbound, address: 127.0.0.1:$P } ]
+routes: [ { name: bench, backends: [ { cluster: up } ]$extra_route } ]
+clusters: [ { name: up, protocol: http1, endpoints: [ { address: 127.0.0.1:$UP } ]$extra_cluster } ]
+$tracing
+EOF
+  # `on` is the older name of `retry_on`: fall back for builds without it.
+  if ! "$BIN" validate "$tmp/c.yaml" >/dev/null 2>&1; then
+    sed -i 's/retry_on:/on:/' "$tmp/c.yaml"
+  fi
+  valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$kind" \
+    "$BIN" run --config "$tmp/c.yaml" --threads 1 --log-level error >/dev/null 2>"$tmp/vg.$kind" &
+  vg=$!
+  for _ in $(seq 600); do
+    curl -s -o /dev/null "http://127.0.0.1:$((A + 1))/ready" && break
+    sleep 0.1
+  done
+  if [ "$kind" = h1 ]; then
+    h2load --h1 -n "$N" -c 8 "http://127.0.0.1:$P/" >/dev/null
+  else
+    h2load -n "$N" -c 8 -m 10 "http://127.0.0.1:$P/" >/dev/null
+  fi
+  kill -INT "$vg"
+  wait "$vg" || true
+  total=$(callgrind_annotate "$tmp/cg.$kind" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+  echo "instructions: $ROUTE $kind $total ($((total / N)) per request)"
+done
