@@ -306,3 +306,49 @@ async fn the_outbound_side_outlives_the_inbound_side_on_shutdown() {
     assert!(status.success(), "{status:?}");
     p.wait_log(|l| l.contains("drain delay over"));
 }
+
+/// The access log names the upstream also when the request failed there
+/// (a timed-out attempt leaves no response naming it), and says how long
+/// the upstream took to its first byte when it answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_upstream_of_a_timeout_and_the_time_to_first_byte() {
+    let hung = Upstream::start("hung").await;
+    hung.set_faults(support::upstream::Faults {
+        hang: true,
+        ..Default::default()
+    });
+    let app = Upstream::start("app").await;
+    let p = ProxyProc::start(&format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0, access_log: true }} ]\nroutes:\n  - {{ name: stuck, match: {{ host: stuck }}, backends: [ {{ cluster: hung }} ], timeout: 200ms }}\n  - {{ name: ok, backends: [ {{ cluster: app }} ] }}\nclusters:\n  - {{ name: hung, endpoints: [ {{ address: {} }} ] }}\n  - {{ name: app, endpoints: [ {{ address: {} }} ] }}\n",
+        hung.addr, app.addr
+    ));
+    let c = TestClient::h1(p.addr("out"));
+    assert_eq!(get(&c, "stuck", "/hangs").await.status, 504);
+    assert_eq!(get(&c, "app", "/answers").await.status, 200);
+    let field = |line: &str, name: &str| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["fields"][name].clone()
+    };
+    let timed_out = p.wait_log(|l| l.contains("\"message\":\"access\"") && l.contains("/hangs"));
+    assert_eq!(field(&timed_out, "status"), 504, "{timed_out}");
+    assert_eq!(
+        field(&timed_out, "upstream"),
+        hung.addr.to_string().as_str(),
+        "{timed_out}"
+    );
+    assert!(
+        field(&timed_out, "upstream_ttfb_ms").is_null(),
+        "{timed_out}"
+    );
+    let answered = p.wait_log(|l| l.contains("\"message\":\"access\"") && l.contains("/answers"));
+    assert_eq!(
+        field(&answered, "upstream"),
+        app.addr.to_string().as_str(),
+        "{answered}"
+    );
+    let ttfb = field(&answered, "upstream_ttfb_ms")
+        .as_f64()
+        .expect("upstream_ttfb_ms");
+    let total = field(&answered, "duration_ms").as_f64().unwrap();
+    assert!(ttfb > 0.0 && ttfb <= total, "{answered}");
+}

@@ -15,6 +15,7 @@ pub use pool::{Endpoint, PoolSettings, PooledBody, Proto};
 use crate::body::{BoxError, ReqBody, take_data};
 use crate::clock::now_ns;
 use crate::config;
+use crate::context::Trail;
 use crate::error::{Limit, ProxyError, UpstreamError};
 use crate::policy::circuit_breaker::Limits;
 use crate::policy::outlier::{Detector, EndpointHealth, Outcome};
@@ -292,6 +293,10 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
             if let Some(t) = &tried {
                 t.0.lock().push(endpoint.addr);
             }
+            let trail = req.extensions().get::<Arc<Trail>>().cloned();
+            if let Some(t) = &trail {
+                t.tried(endpoint.addr);
+            }
             let mut req = req;
             let mut proto = if req.version() == http::Version::HTTP_2 {
                 Proto::Http2
@@ -309,6 +314,9 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
             }
             match endpoint.send(req, proto, fallback, Some(permit)).await {
                 Ok(mut resp) => {
+                    if let Some(t) = &trail {
+                        t.answered();
+                    }
                     cluster.observe(idx, Outcome::Status(resp.status().as_u16()));
                     // The proxy's own headers come from a proxy, never from an
                     // app: kept only from a mesh peer verified by mTLS (whose

@@ -6,7 +6,7 @@
 //! request, proxy errors included. Label sets come pre-resolved in the
 //! response's `RouteMeta`; requests without one use the listener's.
 
-use crate::context::RouteMeta;
+use crate::context::{RouteMeta, Trail};
 use crate::telemetry::RouteStats;
 use http::{Request, Response};
 use std::future::Future;
@@ -83,6 +83,7 @@ fn flags(error: Option<&'static str>, attempts: u32) -> String {
 
 /// What the access log needs of the request, captured before it moves on.
 struct Access {
+    trail: Arc<Trail>,
     method: http::Method,
     authority: Option<String>,
     path: String,
@@ -114,9 +115,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let tapping = crate::telemetry::tap::active();
+        let start = Instant::now();
         let access = (self.listener.access_log || tapping).then(|| Access {
+            trail: {
+                let t = Trail::new(start);
+                req.extensions_mut().insert(t.clone());
+                t
+            },
             method: req.method().clone(),
             authority: crate::http_util::authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),
@@ -128,7 +135,7 @@ where
         });
         MetricsFuture {
             inner: self.inner.call(req),
-            start: Instant::now(),
+            start,
             listener: self.listener.clone(),
             access,
         }
@@ -171,6 +178,13 @@ where
                     .get::<crate::telemetry::trace::Context>()
                     .map(|c| c.trace_hex())
                     .unwrap_or_default();
+                // The upstream that answered, else the one last tried (a
+                // timed-out attempt leaves no response naming it).
+                let upstream = meta
+                    .and_then(|m| m.upstream)
+                    .or_else(|| a.trail.upstream())
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 if crate::telemetry::tap::active() {
                     crate::telemetry::tap::publish(crate::telemetry::tap::Event {
                         listener: this.listener.name.clone(),
@@ -180,10 +194,7 @@ where
                         route: stats.route().to_string(),
                         status,
                         duration_ms: elapsed.as_secs_f64() * 1e3,
-                        upstream: meta
-                            .and_then(|m| m.upstream)
-                            .map(|a| a.to_string())
-                            .unwrap_or_default(),
+                        upstream: upstream.clone(),
                         peer: a.peer.as_deref().unwrap_or("").to_string(),
                         trace_id: trace_id.clone(),
                     });
@@ -206,7 +217,8 @@ where
                     cluster = stats.cluster(),
                     status,
                     duration_ms = elapsed.as_secs_f64() * 1e3,
-                    upstream = meta.and_then(|m| m.upstream).map(|a| a.to_string()).unwrap_or_default(),
+                    upstream,
+                    upstream_ttfb_ms = a.trail.to_first_byte().map(|d| d.as_secs_f64() * 1e3),
                     attempts,
                     flags = %flags(meta.and_then(|m| m.error), attempts),
                     error = meta.and_then(|m| m.detail.as_deref()).unwrap_or(""),

@@ -17,6 +17,7 @@ use super::circuit_breaker::Limits;
 use crate::balance::Tried;
 use crate::body::{self, Buffered, ReqBody};
 use crate::config::{self, RetryOn};
+use crate::context::Trail;
 use crate::error::{ATTEMPTS, Limit, ProxyError, TimeoutKind, UpstreamError};
 use http::{HeaderValue, Method, Request, Response};
 use parking_lot::Mutex;
@@ -303,6 +304,9 @@ where
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         if let Some(t) = &tried {
+            req.extensions_mut().insert(t.clone());
+        }
+        if let Some(t) = parts.extensions.get::<Arc<Trail>>() {
             req.extensions_mut().insert(t.clone());
         }
         let r = inner.ready().await?.call(req).await;
