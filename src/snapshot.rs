@@ -5,6 +5,7 @@
 //! their `Arc<Cluster>` across snapshots, and with it their pools and
 //! latency estimates.
 
+use crate::balance::dns::Resolved;
 use crate::balance::{Cluster, ClusterService};
 use crate::config::{self, Config, Role};
 use crate::error::TimeoutKind;
@@ -126,11 +127,25 @@ impl Snapshot {
         prev: Option<&Snapshot>,
         identity: Option<&Arc<IdentityStore>>,
     ) -> Result<Snapshot, CompileError> {
+        Self::build_resolved(config, version, prev, identity, &Default::default())
+    }
+
+    /// A snapshot whose endpoint names are the addresses in `resolved`.
+    pub fn build_resolved(
+        config: Config,
+        version: u64,
+        prev: Option<&Snapshot>,
+        identity: Option<&Arc<IdentityStore>>,
+        resolved: &Resolved,
+    ) -> Result<Snapshot, CompileError> {
         let mut clusters = HashMap::default();
+        // A cluster is kept, pools, estimates and outlier state with it,
+        // while its config and the addresses its names resolve to stay.
         let reuse = |c: &config::Cluster| -> Arc<Cluster> {
+            let c = crate::balance::dns::expand(c, resolved);
             match prev.and_then(|p| p.clusters.get(&c.name)) {
                 Some(old) if old.config == *c => old.clone(),
-                _ => Cluster::with_identity(c, identity),
+                _ => Cluster::with_identity(&c, identity),
             }
         };
         for c in &config.clusters {
@@ -204,9 +219,10 @@ impl Snapshot {
                     outlier_detection: None,
                     health_check: None,
                     endpoints: vec![config::Endpoint {
-                        address: addr,
+                        address: addr.into(),
                         identity: None,
                     }],
+                    dns_refresh: config::Dur::secs(5),
                 };
                 let cluster = match prev
                     .and_then(|p| p.listeners.get(&l.name))

@@ -2,6 +2,7 @@
 //! ejected and unhealthy endpoints, and those a retry already tried), the
 //! per-endpoint connection pools, and active health checks.
 
+pub mod dns;
 mod ewma;
 mod health;
 mod io;
@@ -78,17 +79,19 @@ impl Cluster {
             max_idle: c.max_idle_per_endpoint,
         };
         let limits = Limits::new(&c.circuit_breaker, &c.name);
+        // Names were resolved into addresses before (dns::expand).
         let endpoints: Vec<_> = c
             .endpoints
             .iter()
-            .map(|e| {
+            .filter_map(|e| Some((e.address.ip()?, e)))
+            .map(|(addr, e)| {
                 let tls = match (&e.identity, identity) {
                     (Some(id), Some(store)) => crate::tls::spiffe::SpiffeId::parse(id)
                         .ok()
                         .map(|id| Arc::new(crate::tls::mesh_client(store, id))),
                     _ => None,
                 };
-                Endpoint::with_tls(e.address, &c.name, settings, limits.clone(), tls)
+                Endpoint::with_tls(addr, &c.name, settings, limits.clone(), tls)
             })
             .collect();
         let lb = Lb::new(c.lb, c.hash_on.as_ref(), &endpoints);

@@ -6,12 +6,14 @@
 //! touches these structs: `route` and `balance` compile them into their own
 //! types once per snapshot.
 
+mod address;
 mod diff;
 mod duration;
 mod lint;
 mod policy;
 mod security;
 
+pub use address::{EndpointAddr, parse_bind};
 pub use diff::diff;
 pub use duration::{Dur, parse_duration};
 pub use lint::Checked;
@@ -105,10 +107,10 @@ pub struct Node {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Admin server: `/config`, `/shutdown`, `/clusters`, `/metrics`. Loopback only.
-    #[serde(default = "default_admin_address")]
+    #[serde(default = "default_admin_address", deserialize_with = "address::bind")]
     pub address: SocketAddr,
     /// Probe server: `/ready`, `/live`, `/metrics`.
-    #[serde(default = "default_probes_address")]
+    #[serde(default = "default_probes_address", deserialize_with = "address::bind")]
     pub probes: SocketAddr,
     /// The app's own HTTP probes, answered on the probe port by asking the
     /// app on loopback: behind strict mTLS the kubelet cannot reach the
@@ -166,10 +168,15 @@ impl Role {
 pub struct Listener {
     pub name: String,
     pub role: Role,
+    #[serde(deserialize_with = "address::bind")]
     pub address: SocketAddr,
     /// Inbound only: the local application every request is forwarded to
     /// when no route of this listener matches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "address::bind_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub forward_to: Option<SocketAddr>,
     /// One JSON access-log line per request.
     #[serde(default)]
@@ -617,6 +624,19 @@ pub struct Cluster {
     pub health_check: Option<HealthCheck>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// How often endpoint names are resolved again.
+    #[serde(
+        default = "default_dns_refresh",
+        skip_serializing_if = "is_default_dns_refresh"
+    )]
+    pub dns_refresh: Dur,
+}
+
+fn default_dns_refresh() -> Dur {
+    Dur::secs(5)
+}
+fn is_default_dns_refresh(d: &Dur) -> bool {
+    *d == default_dns_refresh()
 }
 
 fn default_connect_timeout() -> Dur {
@@ -632,7 +652,9 @@ fn default_max_idle() -> usize {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
-    pub address: SocketAddr,
+    /// `ip:port`, or `host:port`: each address the name resolves to is an
+    /// endpoint of its own (Envoy's strict DNS).
+    pub address: EndpointAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
 }
@@ -1293,9 +1315,15 @@ impl Config {
                     err(hp, "thresholds must be at least 1".into());
                 }
             }
+            if c.dns_refresh.0.is_zero() {
+                err(
+                    format!("{p}.dns_refresh"),
+                    "must be greater than zero".into(),
+                );
+            }
             let mut eps = HashSet::new();
             for (j, e) in c.endpoints.iter().enumerate() {
-                if !eps.insert(e.address) {
+                if !eps.insert(e.address.clone()) {
                     err(
                         format!("{p}.endpoints[{j}].address"),
                         format!("{} is listed twice", e.address),
@@ -1512,7 +1540,7 @@ clusters:
             ("clusters[0]", "unknown field `colour`, expected one of", 29),
             (
                 "clusters[0].endpoints[1].address",
-                "invalid socket address syntax",
+                "`not-an-address` has no port",
                 30,
             ),
             (

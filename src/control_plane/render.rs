@@ -243,9 +243,9 @@ fn clusters_of(
                 for a in &e.addresses {
                     if let Ok(ip) = a.parse::<IpAddr>() {
                         let address = SocketAddr::new(ip, u16::try_from(port).unwrap_or(0));
-                        if !endpoints.iter().any(|x| x.address == address) {
+                        if !endpoints.iter().any(|x| x.address == address.into()) {
                             endpoints.push(config::Endpoint {
-                                address,
+                                address: address.into(),
                                 identity: identity.as_ref().map(|i| i.to_string()),
                             });
                         }
@@ -257,9 +257,9 @@ fn clusters_of(
             .iter()
             .filter(|r| r.namespace == key.0 && r.service == key.1)
         {
-            if !endpoints.iter().any(|x| x.address == r.endpoint) {
+            if !endpoints.iter().any(|x| x.address == r.endpoint.into()) {
                 endpoints.push(config::Endpoint {
-                    address: r.endpoint,
+                    address: r.endpoint.into(),
                     identity: set.mtls.then(|| r.identity.to_string()),
                 });
             }
@@ -282,6 +282,7 @@ fn clusters_of(
             outlier_detection: None,
             health_check: None,
             endpoints,
+            dns_refresh: Dur::secs(5),
         };
         if let Some(t) = traffic {
             apply_traffic(&mut c, t);

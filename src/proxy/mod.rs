@@ -167,6 +167,28 @@ fn listener_tls(
     })))
 }
 
+/// Looks endpoint names up again when due and rebuilds the snapshot when
+/// their addresses change: clusters whose addresses stayed are kept as
+/// they are; a removed address's requests in flight finish on it.
+async fn refresh_dns(proxy: std::sync::Weak<Proxy>) {
+    loop {
+        let next = match proxy.upgrade() {
+            Some(p) => p.dns.next_due(),
+            None => return,
+        };
+        // Without names, look again now and then: a reload may add one
+        // (it is then looked up by the reload itself).
+        let at = next.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
+        tokio::time::sleep_until(at).await;
+        let Some(p) = proxy.upgrade() else { return };
+        if p.dns.refresh().await
+            && let Err(e) = p.reresolve().await
+        {
+            tracing::warn!(error = %e, "dns: the new addresses could not be applied");
+        }
+    }
+}
+
 /// What a listener's accept loop serves with; swapped in place when only
 /// the listener's settings change, so its socket never closes.
 struct Serving {
@@ -207,6 +229,8 @@ pub struct Proxy {
     version: AtomicU64,
     /// Serialises config application; requests never take it.
     apply_lock: tokio::sync::Mutex<()>,
+    /// What the endpoint names resolve to, refreshed in the background.
+    dns: Arc<crate::balance::dns::Dns>,
 }
 
 impl Proxy {
@@ -215,7 +239,9 @@ impl Proxy {
         config: Config,
         identity: Option<Arc<IdentityStore>>,
     ) -> Result<Arc<Proxy>, ApplyError> {
-        let snap = Snapshot::build_with(config.clone(), 0, None, identity.as_ref())?;
+        let dns = Arc::new(crate::balance::dns::Dns::system());
+        let resolved = dns.prime(&config).await;
+        let snap = Snapshot::build_resolved(config.clone(), 0, None, identity.as_ref(), &resolved)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             draining: AtomicBool::new(false),
@@ -229,8 +255,10 @@ impl Proxy {
             listeners: Mutex::new(HashMap::new()),
             version: AtomicU64::new(0),
             apply_lock: tokio::sync::Mutex::new(()),
+            dns,
         });
         proxy.apply(config).await?;
+        tokio::spawn(refresh_dns(Arc::downgrade(&proxy)));
         Ok(proxy)
     }
 
@@ -247,16 +275,30 @@ impl Proxy {
     /// error nothing changes.
     pub async fn apply(&self, config: Config) -> Result<u64, ApplyError> {
         let _guard = self.apply_lock.lock().await;
+        self.apply_locked(config).await
+    }
+
+    /// Rebuilds the snapshot in force with what its names resolve to now.
+    async fn reresolve(&self) -> Result<u64, ApplyError> {
+        let _guard = self.apply_lock.lock().await;
+        // The config in force under the lock: a reload meanwhile wins.
+        let config = (*self.shared.snapshot.load().config).clone();
+        self.apply_locked(config).await
+    }
+
+    async fn apply_locked(&self, config: Config) -> Result<u64, ApplyError> {
         let version = self.version.load(SeqCst) + 1;
         let current = self.shared.snapshot.load_full();
         if config.identity.is_some() && self.identity.is_none() {
             return Err(ApplyError::IdentityAdded);
         }
-        let snap = Snapshot::build_with(
+        let resolved = self.dns.prime(&config).await;
+        let snap = Snapshot::build_resolved(
             config.clone(),
             version,
             Some(&current),
             self.identity.as_ref(),
+            &resolved,
         )?;
         // TLS for the listeners that are new or changed, before anything is
         // swapped: a certificate that does not load changes nothing.

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub tcp_bytes: IntCounterVec,
     pub cp_model_updates: IntCounterVec,
     pub cp_model_version: IntGauge,
+    pub dns_lookups: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -125,6 +126,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+    let dns_lookups = counter(
+        "outrigger_dns_lookups_total",
+        "Lookups of endpoint names, by name (host:port) and result (ok, failure: the last addresses stay).",
+        &["name", "result"],
+    )?;
     let trace_spans_dropped = counter(
         "outrigger_trace_spans_dropped_total",
         "Spans not exported, by reason (queue-full, export-failed): never a slower request.",
@@ -355,6 +361,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         tcp_bytes,
         cp_model_updates,
         cp_model_version,
+        dns_lookups,
     })
 }
 
