@@ -117,7 +117,7 @@ fn reachable(a: SocketAddr) -> SocketAddr {
 
 /// The admin address: `127.0.0.1:15000`, `localhost:15000` or
 /// `http://127.0.0.1:15000`.
-fn admin_addr(admin: &str) -> Result<SocketAddr, String> {
+pub(crate) fn admin_addr(admin: &str) -> Result<SocketAddr, String> {
     let a = admin.trim_start_matches("http://").trim_end_matches('/');
     a.to_socket_addrs()
         .map_err(|e| format!("`{admin}`: {e}"))?
@@ -472,6 +472,32 @@ pub fn run(admin: &str) -> bool {
         ),
     }
     failed == 0
+}
+
+/// `outrigger wait-ready`: polls `/ready` on the probe port until it
+/// answers 200 or `timeout` passes. A classic (non-native) sidecar's
+/// `postStart` hook runs it: the kubelet starts the app's container only
+/// once the hook returns, so the app's first call finds the proxy up.
+pub fn wait_ready(probes: &str, timeout: Duration) -> Result<(), String> {
+    let addr = probes
+        .to_socket_addrs()
+        .map_err(|e| format!("{probes}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{probes}: no address"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let last = match get(reachable(addr), "/ready") {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) => format!("/ready answered {}", r.status),
+            Err(e) => e,
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the proxy on {addr} was not ready within {timeout:?} ({last})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[cfg(test)]

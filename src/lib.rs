@@ -20,5 +20,6 @@ pub mod proxy;
 pub mod route;
 pub mod run;
 pub mod snapshot;
+pub mod tap_cli;
 pub mod telemetry;
 pub mod tls;

@@ -70,6 +70,15 @@ enum Cmd {
         #[arg(long, env = "OUTRIGGER_ADMIN", default_value = "127.0.0.1:15000")]
         admin: String,
     },
+    /// Wait until the proxy's `/ready` answers 200 (a classic sidecar's
+    /// postStart hook: the app starts after the proxy is ready).
+    WaitReady {
+        /// The proxy's probe address.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        probes: String,
+        #[arg(long, default_value = "120s", value_parser = dur)]
+        timeout: std::time::Duration,
+    },
     /// Start a small local mesh on loopback to try Outrigger out.
     Demo {
         #[command(flatten)]
@@ -212,6 +221,30 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Live requests of one proxy from its admin port's `/tap`, one line
+    /// each as it is answered: time of arrival (UTC), listener, method,
+    /// authority, path, status, latency, upstream, route, peer identity,
+    /// trace id. Exit 0 at the end of the window or at --max.
+    Tap {
+        /// The proxy's admin address.
+        #[arg(long, env = "OUTRIGGER_ADMIN", default_value = "127.0.0.1:15000")]
+        admin: String,
+        /// How long to watch.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+        /// Stop once this many requests were shown.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+        max: u64,
+        /// Print the events as the JSON lines the admin port sends.
+        #[arg(long)]
+        json: bool,
+        /// Only requests of this route (its name in the config).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only requests answered with this status or above (e.g. 500).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(100..=999))]
+        status_min: Option<u16>,
+    },
     /// A developer CA for local mTLS: `ca init DIR`, `ca issue --spiffe ID`.
     Ca {
         #[command(subcommand)]
@@ -306,11 +339,43 @@ fn main() -> ExitCode {
     }
     match cli.cmd {
         Cmd::Validate { file } => validate(&file),
+        Cmd::WaitReady { probes, timeout } => {
+            match outrigger::check::wait_ready(&probes, timeout) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Check { admin } => {
             if outrigger::check::run(&admin) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
+            }
+        }
+        Cmd::Tap {
+            admin,
+            seconds,
+            max,
+            json,
+            route,
+            status_min,
+        } => {
+            let opts = outrigger::tap_cli::Options {
+                admin,
+                seconds,
+                max,
+                json,
+                filter: outrigger::tap_cli::Filter { route, status_min },
+            };
+            match outrigger::tap_cli::run(&opts) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
             }
         }
         Cmd::Run {

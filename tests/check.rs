@@ -138,3 +138,39 @@ fn a_proxy_that_is_not_there_fails_in_plain_words() {
     );
     assert!(stdout.contains("is the proxy running"), "{stdout}");
 }
+
+/// `outrigger wait-ready` (a classic sidecar's postStart hook) returns 0
+/// once `/ready` answers 200, and 1 with the reason when it never does.
+#[test]
+fn wait_ready_returns_when_the_proxy_is_ready_and_fails_when_it_never_is() {
+    let p =
+        ProxyProc::start("listeners: [ { name: out, role: outbound, address: 127.0.0.1:0 } ]\n");
+    let ok = std::process::Command::new(bin())
+        .args([
+            "wait-ready",
+            "--probes",
+            &p.probes.to_string(),
+            "--timeout",
+            "10s",
+        ])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    let closed = dead_addr();
+    let never = std::process::Command::new(bin())
+        .args([
+            "wait-ready",
+            "--probes",
+            &closed.to_string(),
+            "--timeout",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(never.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&never.stderr);
+    assert!(
+        err.contains(&format!("the proxy on {closed} was not ready")),
+        "{err}"
+    );
+}

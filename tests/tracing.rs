@@ -376,3 +376,112 @@ async fn tap_shows_live_requests() {
         assert_eq!(l["trace_id"].as_str().unwrap().len(), 32);
     }
 }
+
+/// `outrigger tap`: each request printed as it is answered, on one human
+/// line; exit 0 once `--max` were shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outrigger_tap_prints_requests_as_they_are_answered() {
+    use std::io::Read;
+    let app = Upstream::start("app").await;
+    let (a, _b) = two_hops(&app, "tracing: { sampling: 1.0 }\n", "");
+    let admin = a.admin.to_string();
+    let mut tap = Command::new(bin())
+        .args(["tap", "--admin", &admin, "--seconds", "5", "--max", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both outputs line by line, as they come.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pipes: [(&str, Box<dyn Read + Send>); 2] = [
+        ("out", Box::new(tap.stdout.take().unwrap())),
+        ("err", Box::new(tap.stderr.take().unwrap())),
+    ];
+    for (name, pipe) in pipes {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send((name, l));
+            }
+        });
+    }
+    drop(tx);
+    // Ready: tap says so once the admin port answered, which it does with
+    // the tap already subscribed.
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|(k, l): &(&str, String)| *k == "err" && l.starts_with("tapping "))
+    {
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(l) => seen.push(l),
+            Err(e) => panic!("tap never started ({e}): {seen:?}"),
+        }
+    }
+    let c = TestClient::h1(a.addr("out"));
+    for path in ["/tap/one", "/tap/two"] {
+        assert_eq!(get(&c, "b.svc", path).await.status, 200);
+    }
+    let exit = tokio::time::timeout(
+        READY_TIMEOUT,
+        tokio::task::spawn_blocking(move || tap.wait()),
+    )
+    .await
+    .expect("tap did not exit")
+    .unwrap()
+    .unwrap();
+    // The readers end with the pipes.
+    seen.extend(rx.iter());
+    let lines = |kind: &str| -> Vec<String> {
+        seen.iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, l)| l.clone())
+            .collect()
+    };
+    let (out, err) = (lines("out"), lines("err"));
+    assert!(exit.success(), "{exit}: {err:?}");
+    assert_eq!(out.len(), 2, "{out:?}");
+    for (line, path) in out.iter().zip(["/tap/one", "/tap/two"]) {
+        assert!(
+            line.contains(&format!(" out GET b.svc {path} → 200 ")),
+            "{line}"
+        );
+        assert!(line.contains(" route=to-b"), "{line}");
+        assert!(line.contains(" upstream=127.0.0.1:"), "{line}");
+        assert!(line.contains(" trace="), "{line}");
+    }
+    assert!(
+        err.iter().any(|l| l == "2 requests shown (--max reached)"),
+        "{err:?}"
+    );
+
+    // A port that is not an admin port: its answer is named.
+    let probes = a.probes.to_string();
+    let o = Command::new(bin())
+        .args(["tap", "--admin", &probes, "--seconds", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("the admin port {probes} answered /tap with 404")),
+        "{err}"
+    );
+}
+
+/// `outrigger tap` on a port nobody listens on: exit 1, naming it.
+#[test]
+fn outrigger_tap_names_an_admin_port_it_cannot_reach() {
+    let addr = dead_addr().to_string();
+    let o = Command::new(bin())
+        .args(["tap", "--admin", &addr, "--seconds", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the admin port {addr}")),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+}

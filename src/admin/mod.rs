@@ -7,11 +7,13 @@ use crate::proxy::Proxy;
 use crate::telemetry;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body::{Body, Frame};
+use http_body_util::{Either, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::json;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, OnceLock};
@@ -106,16 +108,16 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
                             && req.method() == Method::GET
                             && let Some(probe) = app_probe(&state, req.uri().path())
                         {
-                            return Ok(app_probe::check(&probe, &req).await);
+                            return Ok(app_probe::check(&probe, &req).await.map(Either::Left));
                         }
                         if kind == Kind::Admin
                             && req.method() == Method::GET
                             && req.uri().path() == "/tap"
                             && admin_refusal(&req).is_none()
                         {
-                            return Ok(tap(req.uri().query()).await);
+                            return Ok(tap(req.uri().query()).map(Either::Right));
                         }
-                        Ok::<_, std::convert::Infallible>(handle(kind, &state, req))
+                        Ok::<_, Infallible>(handle(kind, &state, req).map(Either::Left))
                     }
                 });
                 let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
@@ -129,8 +131,12 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
 
 /// `GET /tap?seconds=S&max=N`: the requests answered in the next S seconds
 /// (default 1, at most 30), up to N (default 100, at most 10,000), one JSON
-/// object per line. `outrigger tap` asks again and again for a live view.
-async fn tap(query: Option<&str>) -> Response<Full<Bytes>> {
+/// object per line, each sent as it is answered (a chunked body). The tap
+/// is subscribed before the response head goes out: a request sent once the
+/// head arrived is seen. `outrigger tap` asks again for longer views.
+fn tap(
+    query: Option<&str>,
+) -> Response<impl Body<Data = Bytes, Error = Infallible> + Send + use<>> {
     let arg = |k: &str, default: u64, max: u64| {
         query
             .unwrap_or("")
@@ -142,27 +148,35 @@ async fn tap(query: Option<&str>) -> Response<Full<Bytes>> {
             .min(max)
     };
     let (secs, max) = (arg("seconds", 1, 30), arg("max", 100, 10_000));
-    let mut t = telemetry::tap::Tap::new();
-    let mut out = String::new();
-    let window = tokio::time::sleep(Duration::from_secs(secs));
-    tokio::pin!(window);
-    let mut n = 0;
-    while n < max {
-        tokio::select! {
-            _ = &mut window => break,
-            e = t.next() => match e {
-                Some(e) => {
-                    if let Ok(line) = serde_json::to_string(&e) {
-                        out.push_str(&line);
-                        out.push('\n');
-                        n += 1;
+    let tap = telemetry::tap::Tap::new();
+    let window = Box::pin(tokio::time::sleep(Duration::from_secs(secs)));
+    // Ends at the window's end, after `max` events, or when the client
+    // goes (the body, and with it the tap, is dropped).
+    let lines = futures_util::stream::unfold(
+        (tap, window, 0),
+        move |(mut tap, mut window, n)| async move {
+            if n >= max {
+                return None;
+            }
+            loop {
+                tokio::select! {
+                    _ = &mut window => return None,
+                    e = tap.next() => {
+                        let Ok(mut line) = serde_json::to_vec(&e?) else { continue };
+                        line.push(b'\n');
+                        let frame = Ok::<_, Infallible>(Frame::data(Bytes::from(line)));
+                        return Some((frame, (tap, window, n + 1)));
                     }
                 }
-                None => break,
             }
-        }
-    }
-    text(StatusCode::OK, out, "application/x-ndjson")
+        },
+    );
+    let mut r = Response::new(StreamBody::new(lines));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
 }
 
 /// The app probe the config lists at `path`, if any.

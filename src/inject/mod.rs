@@ -412,6 +412,13 @@ pub fn inject_pod(pod: &mut Value, s: &Settings) -> Result<Outcome, PodError> {
         proxy["startupProbe"] = probe(s, "/ready", 1, 120);
         inits.splice(0..0, [init, proxy]);
     } else {
+        let mut proxy = proxy;
+        // The kubelet starts the next container only once this hook
+        // returns: the app starts after the proxy is ready.
+        proxy["lifecycle"] = json!({ "postStart": { "exec": { "command": [
+            "/outrigger", "wait-ready", "--probes",
+            format!("127.0.0.1:{}", s.ports.probes), "--timeout", "120s"
+        ] } } });
         inits.insert(0, init);
         apps.insert(0, proxy);
     }
@@ -789,6 +796,10 @@ spec:
         let spec = &v["spec"]["template"]["spec"];
         assert_eq!(spec["containers"][0]["name"], PROXY);
         assert!(spec["containers"][0].get("restartPolicy").is_none());
+        // The app waits for the proxy: a postStart hook holds it back.
+        let hook = &spec["containers"][0]["lifecycle"]["postStart"]["exec"]["command"];
+        assert_eq!(hook[1], "wait-ready", "{hook}");
+        assert_eq!(hook[3], "127.0.0.1:15020", "{hook}");
         assert_eq!(spec["initContainers"].as_array().unwrap().len(), 1);
     }
 

@@ -6,7 +6,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use tokio::sync::broadcast;
 
-#[derive(Clone, Debug, serde::Serialize)]
+/// One request, as `/tap` sends it (a JSON line) and `outrigger tap` reads
+/// it (a field a proxy does not send reads as empty).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Event {
     pub listener: String,
     pub method: String,
