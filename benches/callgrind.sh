@@ -17,7 +17,7 @@ ROUTE=${ROUTE:-bare}
 BIN=${BIN:-target/release/outrigger}
 [ -x "$BIN" ] || cargo build --release --bin outrigger
 tmp=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$tmp"/cg.* "$KEEP"/ ; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port)
 mkdir -p "$tmp/nginx"
@@ -76,10 +76,13 @@ EOF
   valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$kind" \
     "$BIN" run --config "$tmp/c.yaml" --threads 1 --log-level error >/dev/null 2>"$tmp/vg.$kind" &
   vg=$!
+  ready=
   for _ in $(seq 600); do
-    curl -s -o /dev/null "http://127.0.0.1:$((A + 1))/ready" && break
+    kill -0 "$vg" 2>/dev/null || break
+    curl -sf -o /dev/null "http://127.0.0.1:$((A + 1))/ready" && { ready=1; break; }
     sleep 0.1
   done
+  [ -n "$ready" ] || { echo "callgrind.sh: the proxy did not start:" >&2; cat "$tmp/vg.$kind" >&2; exit 1; }
   if [ "$kind" = h1 ]; then
     h2load --h1 -n "$N" -c 8 "http://127.0.0.1:$P/" >/dev/null
   else
@@ -87,6 +90,6 @@ EOF
   fi
   kill -INT "$vg"
   wait "$vg" || true
-  total=$(callgrind_annotate "$tmp/cg.$kind" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+  total=$(callgrind_annotate "$tmp/cg.$kind" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t { gsub(",", "", $1); t = $1 } END { print t }')
   echo "instructions: $ROUTE $kind $total ($((total / N)) per request)"
 done

@@ -206,6 +206,21 @@ impl Parser {
                     };
                     continue;
                 }
+                // The rest of a line whose kind is known (the request
+                // line past its start, a header that is not about framing)
+                // is skipped to its end at memchr speed: most of a head.
+                State::Head if self.line_settled() => match memchr::memchr(b'\n', bytes) {
+                    Some(i) => {
+                        self.line_len += i;
+                        self.end_line(&mut found);
+                        bytes = &bytes[i + 1..];
+                        continue;
+                    }
+                    None => {
+                        self.line_len += bytes.len();
+                        break;
+                    }
+                },
                 State::Head => self.head_byte(b, &mut found),
                 _ => self.chunked_byte(b),
             }
@@ -248,6 +263,16 @@ impl Parser {
             // connection: nothing more to watch.
             _ => State::Opaque,
         };
+    }
+
+    /// Whether the current head line's remaining bytes up to its LF
+    /// cannot change anything: only its LF matters now.
+    fn line_settled(&self) -> bool {
+        if self.lines == 0 {
+            self.line_len >= NAME
+        } else {
+            self.line == Line::Other
+        }
     }
 
     fn head_byte(&mut self, b: u8, found: &mut Found) {
