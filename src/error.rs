@@ -13,6 +13,11 @@ pub const ATTEMPTS: &str = "x-outrigger-attempts";
 /// The time the caller still waits, in milliseconds: told to the next hop
 /// and the app, so nobody works on a request nobody waits for.
 pub const EXPECTED_TIMEOUT: &str = "x-outrigger-expected-timeout-ms";
+/// The same, ready to use: a `&str` name is parsed (and a custom one
+/// copied) on every lookup and insert, twice per request on a route with
+/// both timeouts.
+pub static EXPECTED_TIMEOUT_HEADER: http::HeaderName =
+    http::HeaderName::from_static(EXPECTED_TIMEOUT);
 pub const OVERLOADED: &str = "x-outrigger-overloaded";
 
 /// True for gRPC requests (`content-type: application/grpc*`).

@@ -55,17 +55,18 @@ pub struct Timeout<S> {
 
 /// `x-outrigger-expected-timeout-ms`.
 fn expected_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(crate::error::EXPECTED_TIMEOUT)?;
+    let v = headers.get(&crate::error::EXPECTED_TIMEOUT_HEADER)?;
     let ms: u64 = std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()?;
     Some(Duration::from_millis(ms))
 }
 
 /// Writes the time left for the next hop (and `grpc-timeout`, if shorter).
 fn tell(headers: &mut HeaderMap, left: Duration, is_grpc: bool, grpc: Option<Duration>) {
-    let ms = left.as_millis().max(1);
-    if let Ok(v) = http::HeaderValue::from_str(&ms.to_string()) {
-        headers.insert(crate::error::EXPECTED_TIMEOUT, v);
-    }
+    let ms = u64::try_from(left.as_millis().max(1)).unwrap_or(u64::MAX);
+    headers.insert(
+        crate::error::EXPECTED_TIMEOUT_HEADER.clone(),
+        http::HeaderValue::from(ms),
+    );
     if is_grpc
         && grpc.is_none_or(|g| left < g)
         && let Ok(v) = http::HeaderValue::from_str(&format!("{}m", ms.min(99_999_999)))

@@ -279,6 +279,15 @@ impl Parser {
         if b == b'\n' {
             return self.end_line(found);
         }
+        // Only `content-length` and `transfer-encoding` matter: a header
+        // line starting otherwise is settled at its first byte (and then
+        // skipped whole). A CR first may be a blank line: kept.
+        if self.lines > 0 && self.line_len == 0 && !matches!(b, b'c' | b'C' | b't' | b'T' | b'\r') {
+            self.line_len = 1;
+            self.name[0] = b;
+            self.line = Line::Other;
+            return;
+        }
         if self.line_len < NAME {
             self.name[self.line_len] = b.to_ascii_lowercase();
         }

@@ -8,6 +8,7 @@ Prints `listening PORT` first.
 import http.server
 import json
 import sys
+import threading
 import time
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -15,6 +16,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "ok"
+# Requests are handled on threads: one line is written whole, under a
+# lock (print() writes the text and the newline separately).
+OUT = threading.Lock()
+
+
+def emit(doc):
+    with OUT:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
 
 
 def value(v):
@@ -37,7 +47,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             service = {a.key: value(a.value) for a in rs.resource.attributes}.get("service.name")
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    print(json.dumps({
+                    emit({
                         "service": service,
                         "scope": ss.scope.name,
                         "content_type": self.headers.get("content-type"),
@@ -51,7 +61,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         "status": s.status.code,
                         "events": [e.name for e in s.events],
                         "attributes": {a.key: value(a.value) for a in s.attributes},
-                    }), flush=True)
+                    })
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.send_header("content-length", "0")
