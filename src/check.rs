@@ -479,21 +479,27 @@ pub fn run(admin: &str) -> bool {
 /// `postStart` hook runs it: the kubelet starts the app's container only
 /// once the hook returns, so the app's first call finds the proxy up.
 pub fn wait_ready(probes: &str, timeout: Duration) -> Result<(), String> {
-    let addr = probes
+    // Every address the name has (`localhost` may be ::1 and 127.0.0.1).
+    let addrs: Vec<SocketAddr> = probes
         .to_socket_addrs()
         .map_err(|e| format!("{probes}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{probes}: no address"))?;
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{probes}: no address"));
+    }
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let last = match get(reachable(addr), "/ready") {
-            Ok(r) if r.status == 200 => return Ok(()),
-            Ok(r) => format!("/ready answered {}", r.status),
-            Err(e) => e,
-        };
+        let mut last = String::new();
+        for addr in &addrs {
+            match get(reachable(*addr), "/ready") {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => last = format!("/ready answered {}", r.status),
+                Err(e) => last = e,
+            }
+        }
         if std::time::Instant::now() >= deadline {
             return Err(format!(
-                "the proxy on {addr} was not ready within {timeout:?} ({last})"
+                "the proxy on {probes} was not ready within {timeout:?} ({last})"
             ));
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -54,6 +54,8 @@ impl Trail {
     /// An attempt is going to `addr`.
     pub fn tried(&self, addr: SocketAddr) {
         *self.upstream.lock() = Some(addr);
+        // A first byte is that of the endpoint tried last, if it answers.
+        self.head_us.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The attempt's response head has arrived.
@@ -86,7 +88,10 @@ mod tests {
         let t = Trail::new(tokio::time::Instant::now());
         assert_eq!((t.upstream(), t.to_first_byte()), (None, None));
         t.tried("127.0.0.1:1".parse().unwrap());
+        t.answered();
         t.tried("127.0.0.1:2".parse().unwrap());
+        // The retry has not answered (yet): no first byte to show.
+        assert_eq!(t.to_first_byte(), None);
         tokio::time::advance(std::time::Duration::from_millis(7)).await;
         t.answered();
         assert_eq!(t.upstream(), Some("127.0.0.1:2".parse().unwrap()));

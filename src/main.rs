@@ -78,6 +78,11 @@ enum Cmd {
         probes: String,
         #[arg(long, default_value = "120s", value_parser = dur)]
         timeout: std::time::Duration,
+        /// On timeout, warn and exit 0: a failed postStart hook gets the
+        /// proxy container killed, which helps nobody (readiness already
+        /// says the proxy is not ready).
+        #[arg(long)]
+        continue_on_timeout: bool,
     },
     /// Start a small local mesh on loopback to try Outrigger out.
     Demo {
@@ -339,15 +344,21 @@ fn main() -> ExitCode {
     }
     match cli.cmd {
         Cmd::Validate { file } => validate(&file),
-        Cmd::WaitReady { probes, timeout } => {
-            match outrigger::check::wait_ready(&probes, timeout) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
+        Cmd::WaitReady {
+            probes,
+            timeout,
+            continue_on_timeout,
+        } => match outrigger::check::wait_ready(&probes, timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if continue_on_timeout => {
+                eprintln!("warning: {e}; going on");
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Check { admin } => {
             if outrigger::check::run(&admin) {
                 ExitCode::SUCCESS

@@ -173,4 +173,18 @@ fn wait_ready_returns_when_the_proxy_is_ready_and_fails_when_it_never_is() {
         err.contains(&format!("the proxy on {closed} was not ready")),
         "{err}"
     );
+    // As the injected hook runs it: a warning, and the app starts.
+    let going_on = std::process::Command::new(bin())
+        .args([
+            "wait-ready",
+            "--probes",
+            &closed.to_string(),
+            "--timeout",
+            "300ms",
+        ])
+        .arg("--continue-on-timeout")
+        .output()
+        .unwrap();
+    assert!(going_on.status.success(), "{going_on:?}");
+    assert!(String::from_utf8_lossy(&going_on.stderr).contains("warning:"));
 }

@@ -352,3 +352,31 @@ async fn the_access_log_names_the_upstream_of_a_timeout_and_the_time_to_first_by
     let total = field(&answered, "duration_ms").as_f64().unwrap();
     assert!(ttfb > 0.0 && ttfb <= total, "{answered}");
 }
+
+/// Retries carry the trail: a request whose every attempt timed out names
+/// the endpoint its last attempt went to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_last_endpoint_a_retried_request_tried() {
+    let hang = support::upstream::Faults {
+        hang: true,
+        ..Default::default()
+    };
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    a.set_faults(hang.clone());
+    b.set_faults(hang);
+    let p = ProxyProc::start(&format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0, access_log: true }} ]\nroutes: [ {{ name: r, backends: [ {{ cluster: c }} ], timeout: 2s, retry: {{ attempts: 2, retry_on: [5xx], per_try_timeout: 100ms, backoff: {{ base: 1ms, max: 1ms }}, budget: {{ percent: 100 }} }} }} ]\nclusters: [ {{ name: c, endpoints: [ {{ address: {} }}, {{ address: {} }} ] }} ]\n",
+        a.addr, b.addr
+    ));
+    let c = TestClient::h1(p.addr("out"));
+    assert_eq!(get(&c, "c", "/retried").await.status, 504);
+    let line = p.wait_log(|l| l.contains("\"message\":\"access\"") && l.contains("/retried"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["attempts"], 2, "{line}");
+    let upstream = v["fields"]["upstream"].as_str().unwrap_or("");
+    assert!(
+        upstream == a.addr.to_string() || upstream == b.addr.to_string(),
+        "{line}"
+    );
+}

@@ -39,6 +39,12 @@ struct Entry {
 pub struct Dns {
     lookup: Lookup,
     names: Mutex<HashMap<Key, Entry>>,
+    /// Names with a lookup still running (past its timeout, getaddrinfo
+    /// may go on in a blocking thread): never a second one beside it.
+    busy: Arc<Mutex<std::collections::HashSet<Key>>>,
+    /// Addresses changed and the snapshot in force was not yet rebuilt
+    /// with them (a rebuild that failed is tried again).
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Dns {
@@ -61,20 +67,26 @@ impl Dns {
         Dns {
             lookup,
             names: Mutex::new(HashMap::new()),
+            busy: Arc::default(),
+            stale: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Looks up the names `cfg` has that are not known yet (the first
-    /// config, a name new in a reload) and forgets those it no longer has;
-    /// the result is what the snapshot is built with.
+    /// config, a name new in a reload); the result is what the snapshot
+    /// is built with. Names are forgotten only once a config without them
+    /// is in force (`retain`): a config that fails to apply loses nothing.
     pub async fn prime(&self, cfg: &Config) -> Resolved {
         let wanted = names(cfg);
+        let now = Instant::now();
         let new: Vec<(Key, Duration)> = {
             let mut known = self.names.lock();
-            known.retain(|k, _| wanted.contains_key(k));
             for (k, every) in &wanted {
                 if let Some(e) = known.get_mut(k) {
+                    // A shorter refresh applies from now, not after the
+                    // longer one ends.
                     e.every = *every;
+                    e.due = e.due.min(now + *every);
                 }
             }
             wanted
@@ -99,8 +111,27 @@ impl Dns {
         self.resolved()
     }
 
-    /// Looks up the names whose refresh is due; whether any name's
-    /// addresses changed (the snapshot is then rebuilt).
+    /// `cfg` is in force: forgets the names it does not have (and their
+    /// series), and the snapshot is current with what the names resolve to.
+    pub fn retain(&self, cfg: &Config) {
+        let wanted = names(cfg);
+        let lookups = &crate::telemetry::metrics().dns_lookups;
+        self.names.lock().retain(|k, _| {
+            let keep = wanted.contains_key(k);
+            if !keep {
+                let name = format!("{}:{}", k.0, k.1);
+                for result in ["ok", "failure"] {
+                    let _ = lookups.remove_label_values(&[&name, result]);
+                }
+            }
+            keep
+        });
+        self.stale
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Looks up the names whose refresh is due; whether the snapshot must
+    /// be rebuilt (addresses changed, now or in a rebuild that failed).
     pub async fn refresh(&self) -> bool {
         let now = Instant::now();
         let due: Vec<Key> = self
@@ -110,19 +141,19 @@ impl Dns {
             .filter(|(_, e)| e.due <= now)
             .map(|(k, _)| k.clone())
             .collect();
-        if due.is_empty() {
-            return false;
-        }
-        let results = self.look_up(due.iter().cloned()).await;
-        let mut known = self.names.lock();
-        let mut changed = false;
-        for (key, result) in due.into_iter().zip(results) {
-            // Gone in a reload meanwhile: nothing to keep.
-            if let Some(entry) = known.get_mut(&key) {
-                changed |= record(&key, entry, result);
+        if !due.is_empty() {
+            let results = self.look_up(due.iter().cloned()).await;
+            let mut known = self.names.lock();
+            for (key, result) in due.into_iter().zip(results) {
+                // Gone in a reload meanwhile: nothing to keep.
+                if let Some(entry) = known.get_mut(&key)
+                    && record(&key, entry, result)
+                {
+                    self.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
-        changed
+        self.stale.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// When the next name is due; none while there are no names.
@@ -146,10 +177,25 @@ impl Dns {
         keys: impl Iterator<Item = Key>,
     ) -> Vec<Result<Vec<SocketAddr>, String>> {
         let lookups = keys.map(|k| {
-            let f = (self.lookup)(k);
+            // The lookup runs to its end on a task of its own, holding the
+            // name busy, even after the wait for it has timed out.
+            let started = self.busy.lock().insert(k.clone());
+            let task = started.then(|| {
+                let f = (self.lookup)(k.clone());
+                let busy = self.busy.clone();
+                tokio::spawn(async move {
+                    let r = f.await;
+                    busy.lock().remove(&k);
+                    r
+                })
+            });
             async move {
-                match tokio::time::timeout(LOOKUP_TIMEOUT, f).await {
-                    Ok(Ok(a)) => Ok(a),
+                let Some(task) = task else {
+                    return Err("the previous lookup is still running".to_string());
+                };
+                match tokio::time::timeout(LOOKUP_TIMEOUT, task).await {
+                    Ok(Ok(Ok(a))) => Ok(a),
+                    Ok(Ok(Err(e))) => Err(e.to_string()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no answer within {LOOKUP_TIMEOUT:?}")),
                 }
@@ -323,6 +369,8 @@ mod tests {
         assert!(!dns.refresh().await);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(dns.refresh().await);
+        // The proxy rebuilt its snapshot with it.
+        dns.retain(&cfg);
         // An address the literal endpoint has too is listed once.
         assert_eq!(
             endpoints(&cfg, &dns.resolved()),
@@ -350,14 +398,43 @@ mod tests {
         )
         .unwrap();
         dns.prime(&plain).await;
+        // Not before that config is in force (it could still fail).
+        assert!(dns.next_due().is_some());
+        dns.retain(&plain);
         assert_eq!(dns.next_due(), None);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lookup_that_hangs_fails_after_the_timeout() {
-        let dns = Dns::with_lookup(Arc::new(|_| Box::pin(std::future::pending())));
+    async fn a_lookup_that_hangs_fails_after_the_timeout_and_is_not_repeated_beside_itself() {
+        let calls = Arc::new(Mutex::new(0));
+        let c = calls.clone();
+        let dns = Dns::with_lookup(Arc::new(move |_| {
+            *c.lock() += 1;
+            Box::pin(std::future::pending())
+        }));
         let cfg = config("5s");
         let r = dns.prime(&cfg).await;
         assert_eq!(endpoints(&cfg, &r), ["127.0.0.9:8080"]);
+        // Due again, but the first lookup still runs: none beside it.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!dns.refresh().await);
+        assert_eq!(*calls.lock(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_stays_pending_until_a_snapshot_is_built_with_it() {
+        let (lookup, _) = scripted(vec![Ok(vec!["127.0.0.1:8080"]), Ok(vec!["127.0.0.2:8080"])]);
+        let dns = Dns::with_lookup(lookup);
+        let cfg = config("1s");
+        dns.prime(&cfg).await;
+        dns.retain(&cfg);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(dns.refresh().await);
+        // The rebuild failed: the next round asks for it again, though
+        // the answer did not change since.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(dns.refresh().await);
+        dns.retain(&cfg);
+        assert!(!dns.refresh().await);
     }
 }

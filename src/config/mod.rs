@@ -1315,11 +1315,8 @@ impl Config {
                     err(hp, "thresholds must be at least 1".into());
                 }
             }
-            if c.dns_refresh.0.is_zero() {
-                err(
-                    format!("{p}.dns_refresh"),
-                    "must be greater than zero".into(),
-                );
+            if c.dns_refresh.0 < std::time::Duration::from_millis(100) {
+                err(format!("{p}.dns_refresh"), "must be at least 100ms".into());
             }
             let mut eps = HashSet::new();
             for (j, e) in c.endpoints.iter().enumerate() {

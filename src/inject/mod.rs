@@ -417,7 +417,10 @@ pub fn inject_pod(pod: &mut Value, s: &Settings) -> Result<Outcome, PodError> {
         // returns: the app starts after the proxy is ready.
         proxy["lifecycle"] = json!({ "postStart": { "exec": { "command": [
             "/outrigger", "wait-ready", "--probes",
-            format!("127.0.0.1:{}", s.ports.probes), "--timeout", "120s"
+            format!("127.0.0.1:{}", s.ports.probes), "--timeout", "120s",
+            // A failed hook gets the proxy killed: after the wait, the app
+            // starts anyway and readiness tells the rest.
+            "--continue-on-timeout"
         ] } } });
         inits.insert(0, init);
         apps.insert(0, proxy);
@@ -800,6 +803,7 @@ spec:
         let hook = &spec["containers"][0]["lifecycle"]["postStart"]["exec"]["command"];
         assert_eq!(hook[1], "wait-ready", "{hook}");
         assert_eq!(hook[3], "127.0.0.1:15020", "{hook}");
+        assert_eq!(hook[6], "--continue-on-timeout", "{hook}");
         assert_eq!(spec["initContainers"].as_array().unwrap().len(), 1);
     }
 

@@ -178,7 +178,9 @@ async fn refresh_dns(proxy: std::sync::Weak<Proxy>) {
         };
         // Without names, look again now and then: a reload may add one
         // (it is then looked up by the reload itself).
-        let at = next.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
+        // At most a second: a reload may bring a name due sooner.
+        let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+        let at = next.map_or(soon, |n| n.min(soon));
         tokio::time::sleep_until(at).await;
         let Some(p) = proxy.upgrade() else { return };
         if p.dns.refresh().await
@@ -338,6 +340,7 @@ impl Proxy {
 
         self.shared.snapshot.store(Arc::new(snap));
         self.version.store(version, SeqCst);
+        self.dns.retain(&config);
         crate::telemetry::trace::configure(&config);
         metrics().config_version.set(version as i64);
 
