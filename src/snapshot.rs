@@ -108,6 +108,18 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     pub listeners: HashMap<String, ListenerRoutes>,
+    /// Per route, its rate limit and retry budget with the config they
+    /// were made from: kept across snapshots while that config stays, so a
+    /// reload (or a DNS change) neither refills a bucket nor resets a
+    /// budget.
+    route_state: HashMap<String, RouteState>,
+    /// Per listener, its rate limit likewise.
+    listener_buckets: HashMap<String, (config::RateLimit, Arc<TokenBucket>)>,
+}
+
+struct RouteState {
+    rate_limit: Option<(config::RateLimit, Arc<TokenBucket>)>,
+    retry: Option<(config::Retry, Arc<RetryPolicy>)>,
 }
 
 impl Snapshot {
@@ -153,18 +165,37 @@ impl Snapshot {
         }
         // One rate-limit bucket and one retry budget per route, shared by
         // every listener and backend the route serves.
+        let mut route_state = HashMap::default();
         let shared: HashMap<&str, RouteShared> = config
             .routes
             .iter()
             .map(|r| {
-                let bucket = r
-                    .rate_limit
+                let old = prev.and_then(|p| p.route_state.get(&r.name));
+                let bucket =
+                    r.rate_limit
+                        .as_ref()
+                        .map(|rl| match old.and_then(|o| o.rate_limit.as_ref()) {
+                            Some((c, b)) if c == rl => b.clone(),
+                            _ => TokenBucket::new(rl, "route", &r.name),
+                        });
+                let retry = r
+                    .retry
                     .as_ref()
-                    .map(|rl| TokenBucket::new(rl, "route", &r.name));
-                let retry = r.retry.as_ref().map(|rt| RetryPolicy::new(rt, &r.name));
+                    .map(|rt| match old.and_then(|o| o.retry.as_ref()) {
+                        Some((c, p)) if c == rt => p.clone(),
+                        _ => RetryPolicy::new(rt, &r.name),
+                    });
+                route_state.insert(
+                    r.name.clone(),
+                    RouteState {
+                        rate_limit: r.rate_limit.clone().zip(bucket.clone()),
+                        retry: r.retry.clone().zip(retry.clone()),
+                    },
+                );
                 (r.name.as_str(), (bucket, retry))
             })
             .collect();
+        let mut listener_buckets = HashMap::default();
         let mut listeners = HashMap::default();
         for l in &config.listeners {
             let authz = Authz::for_listener(&config.authorization, &l.name);
@@ -251,10 +282,14 @@ impl Snapshot {
                     targets,
                     filters,
                     forward,
-                    rate_limit: l
-                        .rate_limit
-                        .as_ref()
-                        .map(|rl| TokenBucket::new(rl, "listener", &l.name)),
+                    rate_limit: l.rate_limit.as_ref().map(|rl| {
+                        let b = match prev.and_then(|p| p.listener_buckets.get(&l.name)) {
+                            Some((c, b)) if c == rl => b.clone(),
+                            _ => TokenBucket::new(rl, "listener", &l.name),
+                        };
+                        listener_buckets.insert(l.name.clone(), (rl.clone(), b.clone()));
+                        b
+                    }),
                 },
             );
         }
@@ -263,6 +298,8 @@ impl Snapshot {
             config: Arc::new(config),
             clusters,
             listeners,
+            route_state,
+            listener_buckets,
         })
     }
 }
@@ -285,6 +322,31 @@ mod tests {
         let s2 = Snapshot::build(b, 2, Some(&s1)).unwrap();
         assert!(Arc::ptr_eq(&s1.clusters["a"], &s2.clusters["a"]));
         assert!(!Arc::ptr_eq(&s1.clusters["b"], &s2.clusters["b"]));
+    }
+
+    #[test]
+    fn rate_limits_and_retry_budgets_outlive_a_reload_that_keeps_them() {
+        let yaml = |rps: u32| {
+            format!(
+                "listeners: [ {{ name: l, role: outbound, address: 127.0.0.1:0, rate_limit: {{ requests_per_second: {rps} }} }} ]\nroutes: [ {{ name: r, backends: [ {{ cluster: a }} ], rate_limit: {{ requests_per_second: {rps} }}, retry: {{ attempts: 2 }} }} ]\nclusters:\n  - {{ name: a, endpoints: [ {{ address: 127.0.0.1:1 }} ] }}\n"
+            )
+        };
+        let s1 = Snapshot::build(Config::from_yaml(&yaml(10)).unwrap(), 1, None).unwrap();
+        let s2 = Snapshot::build(Config::from_yaml(&yaml(10)).unwrap(), 2, Some(&s1)).unwrap();
+        let route = |s: &Snapshot| s.route_state["r"].rate_limit.clone().unwrap().1;
+        let retry = |s: &Snapshot| s.route_state["r"].retry.clone().unwrap().1;
+        let listener = |s: &Snapshot| s.listener_buckets["l"].1.clone();
+        assert!(Arc::ptr_eq(&route(&s1), &route(&s2)));
+        assert!(Arc::ptr_eq(&retry(&s1), &retry(&s2)));
+        assert!(Arc::ptr_eq(&listener(&s1), &listener(&s2)));
+        // The bucket the requests use is the kept one.
+        let used = s2.listeners["l"].rate_limit.clone().unwrap();
+        assert!(Arc::ptr_eq(&used, &listener(&s1)));
+        // A changed limit starts afresh; the unchanged retry stays.
+        let s3 = Snapshot::build(Config::from_yaml(&yaml(20)).unwrap(), 3, Some(&s2)).unwrap();
+        assert!(!Arc::ptr_eq(&route(&s2), &route(&s3)));
+        assert!(!Arc::ptr_eq(&listener(&s2), &listener(&s3)));
+        assert!(Arc::ptr_eq(&retry(&s2), &retry(&s3)));
     }
 
     #[test]
