@@ -157,6 +157,9 @@ impl Snapshot {
             let c = crate::balance::dns::expand(c, resolved);
             match prev.and_then(|p| p.clusters.get(&c.name)) {
                 Some(old) if old.config == *c => old.clone(),
+                Some(old) if Cluster::same_but_endpoints(&old.config, &c) => {
+                    Cluster::with_previous(&c, identity, Some(old))
+                }
                 _ => Cluster::with_identity(&c, identity),
             }
         };
@@ -347,6 +350,71 @@ mod tests {
         assert!(!Arc::ptr_eq(&route(&s2), &route(&s3)));
         assert!(!Arc::ptr_eq(&listener(&s2), &listener(&s3)));
         assert!(Arc::ptr_eq(&retry(&s2), &retry(&s3)));
+    }
+
+    #[test]
+    fn a_new_endpoint_set_keeps_the_endpoints_that_stay() {
+        let yaml = |eps: &str, connect: &str| {
+            format!(
+                "listeners: [ {{ name: l, role: outbound, address: 127.0.0.1:0 }} ]\nclusters:\n  - {{ name: a, connect_timeout: {connect}, health_check: {{ path: /h }}, endpoints: [ {eps} ] }}\n"
+            )
+        };
+        let ep = |s: &Snapshot, port: u16| {
+            s.clusters["a"]
+                .endpoints
+                .iter()
+                .find(|e| e.addr.port() == port)
+                .cloned()
+                .unwrap()
+        };
+        let s1 = Snapshot::build(
+            Config::from_yaml(&yaml(
+                "{ address: 127.0.0.1:1 }, { address: 127.0.0.1:2 }",
+                "1s",
+            ))
+            .unwrap(),
+            1,
+            None,
+        )
+        .unwrap();
+        // Endpoint 2 fails its health checks.
+        ep(&s1, 2)
+            .health
+            .checked_healthy
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let s2 = Snapshot::build(
+            Config::from_yaml(&yaml(
+                "{ address: 127.0.0.1:2 }, { address: 127.0.0.1:3 }",
+                "1s",
+            ))
+            .unwrap(),
+            2,
+            Some(&s1),
+        )
+        .unwrap();
+        assert!(!Arc::ptr_eq(&s1.clusters["a"], &s2.clusters["a"]));
+        assert!(
+            Arc::ptr_eq(&ep(&s1, 2), &ep(&s2, 2)),
+            "the endpoint that stayed"
+        );
+        assert!(Arc::ptr_eq(
+            &s1.clusters["a"].limits,
+            &s2.clusters["a"].limits
+        ));
+        // Its state came with it: the new cluster steers around it.
+        assert!(s2.clusters["a"].health_aware());
+        // Other settings changed: everything starts afresh.
+        let s3 = Snapshot::build(
+            Config::from_yaml(&yaml(
+                "{ address: 127.0.0.1:2 }, { address: 127.0.0.1:3 }",
+                "2s",
+            ))
+            .unwrap(),
+            3,
+            Some(&s2),
+        )
+        .unwrap();
+        assert!(!Arc::ptr_eq(&ep(&s2, 2), &ep(&s3, 2)));
     }
 
     #[test]

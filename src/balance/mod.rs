@@ -24,6 +24,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -73,18 +74,60 @@ impl Cluster {
         c: &config::Cluster,
         identity: Option<&Arc<crate::tls::identity::IdentityStore>>,
     ) -> Arc<Cluster> {
+        Self::with_previous(c, identity, None)
+    }
+
+    /// Whether `a` and `b` differ at most in their endpoints (and how
+    /// often names are looked up).
+    pub fn same_but_endpoints(a: &config::Cluster, b: &config::Cluster) -> bool {
+        let strip = |c: &config::Cluster| config::Cluster {
+            endpoints: Vec::new(),
+            dns_refresh: config::Dur::default(),
+            ..c.clone()
+        };
+        strip(a) == strip(b)
+    }
+
+    /// A cluster like `prev` (same settings, `same_but_endpoints`) with
+    /// another endpoint set: an endpoint that stays is the same endpoint,
+    /// its pool, latency estimate, ejection and health with it, and the
+    /// circuit breaker's counts go on (Envoy's host-set update). Only new
+    /// addresses start afresh.
+    pub fn with_previous(
+        c: &config::Cluster,
+        identity: Option<&Arc<crate::tls::identity::IdentityStore>>,
+        prev: Option<&Cluster>,
+    ) -> Arc<Cluster> {
         let settings = PoolSettings {
             connect_timeout: c.connect_timeout.0,
             idle_timeout: c.idle_timeout.0,
             max_idle: c.max_idle_per_endpoint,
         };
-        let limits = Limits::new(&c.circuit_breaker, &c.name);
+        let limits = match prev {
+            Some(p) => p.limits.clone(),
+            None => Limits::new(&c.circuit_breaker, &c.name),
+        };
+        // What `prev` has, by address and identity (its endpoints were
+        // made from its config's addresses, in order).
+        let kept: HashMap<(SocketAddr, Option<&str>), &Arc<Endpoint>> = prev
+            .map(|p| {
+                p.config
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| Some((e.address.ip()?, e.identity.as_deref())))
+                    .zip(&p.endpoints)
+                    .collect()
+            })
+            .unwrap_or_default();
         // Names were resolved into addresses before (dns::expand).
         let endpoints: Vec<_> = c
             .endpoints
             .iter()
             .filter_map(|e| Some((e.address.ip()?, e)))
             .map(|(addr, e)| {
+                if let Some(old) = kept.get(&(addr, e.identity.as_deref())) {
+                    return Arc::clone(old);
+                }
                 let tls = match (&e.identity, identity) {
                     (Some(id), Some(store)) => crate::tls::spiffe::SpiffeId::parse(id)
                         .ok()
@@ -108,8 +151,18 @@ impl Cluster {
             outlier,
             unhealthy: Default::default(),
         });
+        // Kept endpoints may be ejected or failing health checks: the new
+        // cluster's counts start from what they are.
+        let now = now_ns();
+        cluster.set_unhealthy(
+            cluster
+                .endpoints
+                .iter()
+                .filter(|e| e.health.state(now) == "unhealthy")
+                .count() as u32,
+        );
         if let Some(d) = &cluster.outlier {
-            d.refresh(&cluster.endpoints, health);
+            d.recount(&cluster.endpoints, health);
         } else {
             crate::policy::outlier::refresh_gauges(
                 &crate::policy::outlier::state_gauges(&c.name),
@@ -128,7 +181,7 @@ impl Cluster {
 
     /// Whether some endpoint may be out right now; while not, a pick costs
     /// no health check at all (one or two atomic loads).
-    fn health_aware(&self) -> bool {
+    pub(crate) fn health_aware(&self) -> bool {
         self.outlier.as_ref().is_some_and(Detector::any_ejected)
             || self.unhealthy.load(std::sync::atomic::Ordering::Relaxed) > 0
     }

@@ -209,6 +209,22 @@ impl Detector {
         self.refresh(all, health);
     }
 
+    /// Counts the endpoints ejected now (a cluster made with endpoints
+    /// kept from the one before) and refreshes the gauges.
+    pub fn recount<T>(&self, all: &[T], health: fn(&T) -> &EndpointHealth) {
+        let now = now_ns();
+        let n = all
+            .iter()
+            .map(health)
+            .filter(|h| {
+                let until = h.ejected_until.load(Relaxed);
+                until != 0 && now < until
+            })
+            .count();
+        self.ejected.store(n as u32, Relaxed);
+        self.refresh(all, health);
+    }
+
     /// Whether any endpoint may currently be out (an upper bound: an
     /// ejection that expired counts until the next sweep).
     pub fn any_ejected(&self) -> bool {
