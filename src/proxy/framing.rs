@@ -2,9 +2,10 @@
 //! both `Content-Length` and `Transfer-Encoding`, on every request of a
 //! keep-alive connection.
 //!
-//! hyper drops a `Content-Length` that follows `Transfer-Encoding` before
-//! our service sees the request, so the conflict (RFC 9112 §6.3, the stuff
-//! of request smuggling) is invisible there in that order. This wrapper
+//! hyper (1.12) drops the `Content-Length` of a head that also carries
+//! `Transfer-Encoding`, in either order, before our service sees the
+//! request: the conflict (RFC 9112 §6.3, the stuff of request smuggling)
+//! is visible only here. This wrapper
 //! reads nothing itself: it follows the bytes hyper reads with a small
 //! incremental parser — heads line by line (CRLF or bare LF, as hyper
 //! accepts both), bodies skipped by their length or chunk sizes — so each
