@@ -18,6 +18,8 @@ pub const EXPECTED_TIMEOUT: &str = "x-outrigger-expected-timeout-ms";
 /// both timeouts.
 pub static EXPECTED_TIMEOUT_HEADER: http::HeaderName =
     http::HeaderName::from_static(EXPECTED_TIMEOUT);
+/// `grpc-status`, ready-made: read on every response of a retried route.
+pub static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 pub const OVERLOADED: &str = "x-outrigger-overloaded";
 
 /// True for gRPC requests (`content-type: application/grpc*`).

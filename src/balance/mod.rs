@@ -58,9 +58,19 @@ fn health(e: &Arc<Endpoint>) -> &EndpointHealth {
 #[derive(Clone, Debug, Default)]
 pub struct Tried(pub Arc<Mutex<Vec<SocketAddr>>>);
 
-/// The upstream address that served a response.
-#[derive(Clone, Copy, Debug)]
-pub struct Served(pub SocketAddr);
+thread_local! {
+    /// The endpoint this thread's balancer picked last. A pick happens
+    /// inside the poll of the request's future, so a caller that clears it
+    /// before polling and reads it after learns which endpoint its own
+    /// attempt went to (also when a per-try timeout then drops the attempt)
+    /// without a per-request allocation.
+    static PICKED: std::cell::Cell<Option<SocketAddr>> = const { std::cell::Cell::new(None) };
+}
+
+/// Takes (and clears) the endpoint picked last on this thread.
+pub fn take_pick() -> Option<SocketAddr> {
+    PICKED.with(|p| p.take())
+}
 
 impl Cluster {
     /// A cluster of plaintext endpoints.
@@ -346,6 +356,7 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
                 return Err(ProxyError::NoEndpoints(cluster.name.clone()));
             };
             let endpoint = cluster.endpoints[idx].clone();
+            PICKED.with(|p| p.set(Some(endpoint.addr)));
             if let Some(t) = &tried {
                 t.0.lock().push(endpoint.addr);
             }
@@ -380,9 +391,7 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
                     if endpoint.identity().is_none() {
                         crate::http_util::strip_own(resp.headers_mut());
                     }
-                    let mut resp = resp.map(RespBody::Upstream);
-                    resp.extensions_mut().insert(Served(endpoint.addr));
-                    Ok(resp)
+                    Ok(resp.map(RespBody::Upstream))
                 }
                 Err(e) => {
                     match &e {
@@ -407,6 +416,15 @@ pub enum RespBody {
 }
 
 impl RespBody {
+    /// The upstream address that served this response (none for an answer
+    /// the proxy made itself). Read off the body rather than an extension:
+    /// the first extension costs a response three allocations.
+    pub fn served_by(&self) -> Option<SocketAddr> {
+        match self {
+            RespBody::Upstream(b) => Some(b.endpoint_addr()),
+            RespBody::Bytes(_) => None,
+        }
+    }
     pub fn text(s: impl Into<Bytes>) -> Self {
         RespBody::Bytes(Some(s.into()))
     }

@@ -655,6 +655,11 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
+    /// The endpoint this body comes from.
+    pub fn endpoint_addr(&self) -> SocketAddr {
+        self._in_flight.endpoint.addr
+    }
+
     /// Ends the stream with an error (HTTP/2 RST_STREAM, HTTP/1 close) if
     /// the upstream sends nothing for `after`.
     pub fn set_idle_timeout(&mut self, after: Duration) {

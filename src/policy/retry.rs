@@ -97,7 +97,7 @@ impl RetryPolicy {
         match r {
             Ok(resp) => {
                 let s = resp.status().as_u16();
-                if let Some(g) = resp.headers().get("grpc-status") {
+                if let Some(g) = resp.headers().get(&crate::error::GRPC_STATUS) {
                     let reason = match g.as_bytes() {
                         b"14" if self.on(RetryOn::Unavailable) => Some("unavailable"),
                         b"1" if self.on(RetryOn::Cancelled) => Some("cancelled"),
@@ -254,6 +254,26 @@ fn with_attempts<B>(
     }
 }
 
+/// Runs one attempt and names the endpoint the balancer picked for it, also
+/// when a per-try timeout dropped it before any answer (the pick happens
+/// inside this attempt's poll; see `balance::take_pick`).
+async fn with_pick<F: std::future::Future>(f: F) -> (F::Output, Option<std::net::SocketAddr>) {
+    let mut f = std::pin::pin!(f);
+    let mut picked = None;
+    let out = std::future::poll_fn(|cx| {
+        if picked.is_none() {
+            crate::balance::take_pick();
+        }
+        let r = f.as_mut().poll(cx);
+        if picked.is_none() {
+            picked = crate::balance::take_pick();
+        }
+        r
+    })
+    .await;
+    (out, picked)
+}
+
 async fn retry_loop<S, RB>(
     policy: Arc<RetryPolicy>,
     limits: Arc<Limits>,
@@ -288,11 +308,9 @@ where
         }
         Err(e) => return Err(ProxyError::ClientBody(e)),
     };
-    // Which endpoints earlier attempts went to. A response or connection
-    // error names its endpoint; a per-try timeout does not, so only then is
-    // the list handed down from the first attempt (saving the allocations
-    // on every request of the common, timeout-free route).
-    let mut tried: Option<Tried> = policy.cfg.per_try_timeout.is_some().then(Tried::default);
+    // Which endpoints earlier attempts went to, made at the first retry
+    // (the common, first-try-answers request allocates nothing for it).
+    let mut tried: Option<Tried> = None;
     let mut attempt = 1;
     loop {
         let mut req = Request::new(ReqBody::Replay {
@@ -309,7 +327,7 @@ where
         if let Some(t) = parts.extensions.get::<Arc<Trail>>() {
             req.extensions_mut().insert(t.clone());
         }
-        let r = inner.ready().await?.call(req).await;
+        let (r, picked) = with_pick(inner.ready().await?.call(req)).await;
         let Some(reason) = policy.retry_reason(&r) else {
             return with_attempts(r, attempt);
         };
@@ -329,15 +347,7 @@ where
             .inc();
         if tried.is_none() {
             let t = Tried::default();
-            let served = match &r {
-                Ok(resp) => resp
-                    .extensions()
-                    .get::<crate::balance::Served>()
-                    .map(|s| s.0),
-                Err(ProxyError::Upstream(e)) => Some(e.addr()),
-                Err(_) => None,
-            };
-            t.0.lock().extend(served);
+            t.0.lock().extend(picked);
             tried = Some(t);
         }
         // The failed attempt's body (if any) is dropped here, before we wait.

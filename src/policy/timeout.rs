@@ -10,7 +10,7 @@
 //! for gRPC with `grpc-status: 4` (DEADLINE_EXCEEDED).
 
 use crate::error::{ProxyError, TimeoutKind};
-use http::{HeaderMap, Request};
+use http::{HeaderMap, HeaderValue, Request};
 use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +20,9 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct TimeoutLayer {
     after: Option<Duration>,
+    /// `after` as the header value the next hop is told, made once: most
+    /// requests are told the layer's own timeout.
+    told: Option<HeaderValue>,
     kind: TimeoutKind,
     fired: Option<IntCounter>,
 }
@@ -31,6 +34,7 @@ impl TimeoutLayer {
             .with_label_values(&[route, kind.as_str()]);
         TimeoutLayer {
             after,
+            told: after.map(ms_value),
             kind,
             fired: Some(fired),
         }
@@ -60,16 +64,32 @@ fn expected_timeout(headers: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
-/// Writes the time left for the next hop (and `grpc-timeout`, if shorter).
-fn tell(headers: &mut HeaderMap, left: Duration, is_grpc: bool, grpc: Option<Duration>) {
-    let ms = u64::try_from(left.as_millis().max(1)).unwrap_or(u64::MAX);
-    headers.insert(
-        crate::error::EXPECTED_TIMEOUT_HEADER.clone(),
-        http::HeaderValue::from(ms),
-    );
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis().max(1)).unwrap_or(u64::MAX)
+}
+
+fn ms_value(d: Duration) -> HeaderValue {
+    HeaderValue::from(ms(d))
+}
+
+/// Writes the time left for the next hop (and `grpc-timeout`, if shorter);
+/// `ready` is the value already made for `left`, if there is one.
+fn tell(
+    headers: &mut HeaderMap,
+    left: Duration,
+    ready: Option<&HeaderValue>,
+    is_grpc: bool,
+    grpc: Option<Duration>,
+) {
+    let ms = ms(left);
+    let value = match ready {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(ms),
+    };
+    headers.insert(crate::error::EXPECTED_TIMEOUT_HEADER.clone(), value);
     if is_grpc
         && grpc.is_none_or(|g| left < g)
-        && let Ok(v) = http::HeaderValue::from_str(&format!("{}m", ms.min(99_999_999)))
+        && let Ok(v) = HeaderValue::from_str(&format!("{}m", ms.min(99_999_999)))
     {
         headers.insert("grpc-timeout", v);
     }
@@ -122,7 +142,12 @@ where
         };
         // What the next hop is told: the least of everything known.
         if let Some(left) = [after, told, grpc].into_iter().flatten().min() {
-            tell(req.headers_mut(), left, is_grpc, grpc);
+            let ready = self
+                .layer
+                .told
+                .as_ref()
+                .filter(|_| Some(left) == self.layer.after);
+            tell(req.headers_mut(), left, ready, is_grpc, grpc);
         }
         TimeoutFuture {
             inner: self.inner.call(req),

@@ -12,7 +12,7 @@ use super::error::{ProxyError, Routed};
 use super::headers;
 use super::tunnel::{self, TunnelGuard};
 use super::{ConnInfo, ListenerInfo};
-use crate::balance::{Proto, RespBody, Served};
+use crate::balance::{Proto, RespBody};
 use crate::body::{ClientBody, ReqBody};
 use crate::config::Role;
 use crate::context::RouteMeta;
@@ -480,7 +480,7 @@ fn finish(mut resp: Response<RespBody>, after: After) -> Result<Response<RespBod
         conn,
         filters,
     } = after;
-    meta.upstream = resp.extensions().get::<Served>().map(|s| s.0);
+    meta.upstream = resp.body().served_by();
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // A 101 the client did not ask for, or to another protocol than the
