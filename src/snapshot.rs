@@ -75,17 +75,20 @@ fn route_stack(
             r.and_then(|r| r.total_timeout).map(|d| d.0),
             route_name,
         ))
-        .layer(TimeoutLayer::new(
-            r.and_then(|r| r.timeout).map(|d| d.0),
-            TimeoutKind::Route,
-            route_name,
-        ))
+        .layer(
+            TimeoutLayer::new(
+                r.and_then(|r| r.timeout).map(|d| d.0),
+                TimeoutKind::Route,
+                route_name,
+            )
+            .telling_per_try(per_try),
+        )
         .layer(FaultLayer::new(
             r.and_then(|r| r.fault.as_ref()),
             route_name,
         ))
         .layer(RetryLayer::new(retry, cluster.limits.clone()))
-        .layer(TimeoutLayer::new(per_try, TimeoutKind::PerTry, route_name))
+        .layer(TimeoutLayer::new(per_try, TimeoutKind::PerTry, route_name).silent())
         .service(ClusterService {
             cluster: cluster.clone(),
         })

@@ -20,9 +20,14 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct TimeoutLayer {
     after: Option<Duration>,
-    /// `after` as the header value the next hop is told, made once: most
-    /// requests are told the layer's own timeout.
+    /// What the next hop is told when the request brings nothing shorter:
+    /// `after`, or the per-try timeout below if that is shorter.
+    floor: Option<Duration>,
+    /// `floor` as a header value, made once: most requests are told it.
     told: Option<HeaderValue>,
+    /// False for a per-try layer whose route layer already told the next
+    /// hop about it: one header write a request instead of two, no read.
+    tells: bool,
     kind: TimeoutKind,
     fired: Option<IntCounter>,
 }
@@ -34,10 +39,29 @@ impl TimeoutLayer {
             .with_label_values(&[route, kind.as_str()]);
         TimeoutLayer {
             after,
+            floor: after,
             told: after.map(ms_value),
+            tells: true,
             kind,
             fired: Some(fired),
         }
+    }
+
+    /// A route layer above a per-try timeout: tells the next hop the
+    /// shorter of the two, so that the per-try layer (made `silent`) need
+    /// not read and rewrite the header on every attempt. Across retries
+    /// the next hop is told the same (the time left at the route's entry,
+    /// shortened by the per-try timeout).
+    pub fn telling_per_try(mut self, per_try: Option<Duration>) -> Self {
+        self.floor = [self.after, per_try].into_iter().flatten().min();
+        self.told = self.floor.map(ms_value);
+        self
+    }
+
+    /// A per-try layer whose route layer tells the next hop about it.
+    pub fn silent(mut self) -> Self {
+        self.tells = false;
+        self
     }
 }
 
@@ -129,6 +153,16 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Only gRPC requests carry grpc-timeout; checking the content type
         // (a standard header) first keeps other requests from hashing the name.
+        if !self.layer.tells {
+            let after = self.layer.after;
+            return TimeoutFuture {
+                inner: self.inner.call(req),
+                sleep: after.map(|d| Box::pin(tokio::time::sleep(d))),
+                after: after.unwrap_or_default(),
+                kind: self.layer.kind,
+                fired: self.layer.fired.clone(),
+            };
+        }
         let is_grpc = crate::error::is_grpc(req.headers());
         let grpc = if is_grpc {
             grpc_timeout(req.headers())
@@ -141,12 +175,16 @@ where
             TimeoutKind::PerTry | TimeoutKind::Total => self.layer.after,
         };
         // What the next hop is told: the least of everything known.
-        if let Some(left) = [after, told, grpc].into_iter().flatten().min() {
+        if let Some(left) = [after, self.layer.floor, told, grpc]
+            .into_iter()
+            .flatten()
+            .min()
+        {
             let ready = self
                 .layer
                 .told
                 .as_ref()
-                .filter(|_| Some(left) == self.layer.after);
+                .filter(|_| Some(left) == self.layer.floor);
             tell(req.headers_mut(), left, ready, is_grpc, grpc);
         }
         TimeoutFuture {
@@ -280,6 +318,69 @@ mod tests {
             .body(())
             .unwrap();
         assert!(svc.ready().await.unwrap().call(req).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_route_layer_tells_a_shorter_per_try_timeout_once() {
+        // What the app is told, seen from the innermost service.
+        let told = tower::service_fn(|req: Request<()>| async move {
+            let h = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .map(|v| v.to_str().unwrap_or_default().to_string())
+            };
+            Ok::<_, ProxyError>((h(crate::error::EXPECTED_TIMEOUT), h("grpc-timeout")))
+        });
+        let stack = |route: Option<u64>, per_try: Option<u64>| {
+            let ms = |v: Option<u64>| v.map(Duration::from_millis);
+            let per_try_layer = TimeoutLayer::new(ms(per_try), TimeoutKind::PerTry, "t3").silent();
+            tower::ServiceBuilder::new()
+                .layer(
+                    TimeoutLayer::new(ms(route), TimeoutKind::Route, "t3")
+                        .telling_per_try(ms(per_try)),
+                )
+                .layer(per_try_layer)
+                .service(told)
+        };
+        let call = |mut svc: Timeout<Timeout<_>>, req: Request<()>| async move {
+            svc.ready().await.unwrap().call(req).await.unwrap()
+        };
+        let plain = || Request::new(());
+        // The per-try timeout is shorter: told once, by the route layer.
+        assert_eq!(
+            call(stack(Some(2000), Some(500)), plain())
+                .await
+                .0
+                .as_deref(),
+            Some("500")
+        );
+        // The route timeout is shorter.
+        assert_eq!(
+            call(stack(Some(300), Some(500)), plain())
+                .await
+                .0
+                .as_deref(),
+            Some("300")
+        );
+        // A per-try timeout alone is told too.
+        assert_eq!(
+            call(stack(None, Some(700)), plain()).await.0.as_deref(),
+            Some("700")
+        );
+        // What the caller has left wins when it is shorter, and gRPC's
+        // timeout is reduced to it.
+        let req = Request::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-timeout", "1S")
+            .header(crate::error::EXPECTED_TIMEOUT, "200")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            call(stack(Some(2000), Some(500)), req).await,
+            (Some("200".into()), Some("200m".into()))
+        );
+        // Nothing known: nothing told.
+        assert_eq!(call(stack(None, None), plain()).await, (None, None));
     }
 
     #[test]
