@@ -14,8 +14,11 @@ Measured per proxy:
   - open-loop latency at a fixed rate (h2load --h1 --rps, per-request log):
     p50, p90, p99, p99.9, max; and the same for the upstream directly;
   - resident memory idle and under load.
-Outrigger-only rows: two sidecars in a row (outbound -> inbound -> app) and a
-route with retries, timeouts and circuit breaking configured.
+Outrigger-only rows: two sidecars in a row (outbound -> inbound -> app), a
+route with retries, timeouts and circuit breaking configured, tracing, and
+workers and CPU limits: two workers on both cores, and a cgroup quota of half
+a CPU (as `resources.limits.cpu: 500m`) with the worker count the proxy picks
+from it and with two forced.
 
 Writes benches/results/latest.{md,json,svg} and prints a sizing line.
 
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,10 +235,52 @@ def outrigger_yaml(tmp, name, listeners, admin_port, policies=False, sampling=No
     return path
 
 
-def proxy_outrigger(tmp, core, policies=False, sampling=None):
+def proxy_outrigger(tmp, core, policies=False, sampling=None, threads="1", cgroup=None):
+    """threads=None: the proxy picks its worker count (CPU quota, affinity);
+    cgroup: a directory the proxy joins before it starts."""
     path = outrigger_yaml(tmp, "outrigger", ["{ name: out, role: outbound, address: 127.0.0.1:%d }" % PROXY_PORT], 18510, policies, sampling)
     exe = os.path.join(ROOT, "target", "release", "outrigger")
-    return Proc([exe, "run", "--config", path, "--threads", "1", "--log-level", "error"], core, PROXY_PORT)
+    cmd = [exe, "run", "--config", path, "--log-level", "error"] + (["--threads", threads] if threads else [])
+    if cgroup:
+        cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup] + cmd
+    return Proc(cmd, core, PROXY_PORT)
+
+
+def quota_cgroup(quota_us=50000, period_us=100000):
+    """A cgroup limited to quota/period of a CPU (v2 cpu.max or v1
+    cfs_quota_us), as a pod's `resources.limits.cpu: 500m` makes; None
+    where it cannot be made (needs root)."""
+    v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    d = os.path.join("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu", "outrigger-bench-%d" % os.getpid())
+    try:
+        if v2:
+            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
+                f.write("+cpu")
+        os.makedirs(d, exist_ok=True)
+        if v2:
+            with open(os.path.join(d, "cpu.max"), "w") as f:
+                f.write("%d %d" % (quota_us, period_us))
+        else:
+            with open(os.path.join(d, "cpu.cfs_period_us"), "w") as f:
+                f.write(str(period_us))
+            with open(os.path.join(d, "cpu.cfs_quota_us"), "w") as f:
+                f.write(str(quota_us))
+        return d
+    except OSError as e:
+        print("  (CPU-quota rows skipped: cannot make a cgroup: %s)" % e, file=sys.stderr)
+        return None
+
+
+def worker_threads():
+    """outrigger_worker_threads from the bench proxy's admin port."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:18510/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("outrigger_worker_threads "):
+                    return int(float(line.split()[1]))
+    except OSError:
+        pass
+    return 0
 
 
 TD = "bench.local"
@@ -387,7 +433,11 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
     d = str(args.duration)
     subjects = [("direct", None), ("outrigger", proxy_outrigger), ("nginx", proxy_nginx), ("haproxy", proxy_haproxy),
                 ("outrigger-mesh", "mesh"), ("outrigger-mesh-mtls", "mesh-mtls"), ("outrigger-policies", "policies"),
-                ("outrigger-trace-100", "trace-1.0"), ("outrigger-trace-1", "trace-0.01")]
+                ("outrigger-trace-100", "trace-1.0"), ("outrigger-trace-1", "trace-0.01"),
+                # Workers and CPU limits: two workers on both cores (beside
+                # the load generator), and half a CPU's quota with the worker
+                # count the proxy picks (1) and with two forced.
+                ("outrigger-2w", "2w"), ("outrigger-quota", "quota"), ("outrigger-quota-2w", "quota-2w")]
     if args.only:
         subjects = [s for s in subjects if s[0] in args.only.split(",")]
     for name, start in subjects:
@@ -402,6 +452,12 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             p = Mesh(tmp, proxy_core, mtls=True)
         elif isinstance(start, str) and start.startswith("trace-"):
             p = proxy_outrigger(tmp, proxy_core, sampling=start[len("trace-"):])
+        elif start == "2w":
+            p = proxy_outrigger(tmp, proxy_core + "," + load_core, threads="2")
+        elif start in ("quota", "quota-2w"):
+            if not args.cgroup:
+                continue
+            p = proxy_outrigger(tmp, proxy_core + "," + load_core, threads="2" if start == "quota-2w" else None, cgroup=args.cgroup)
         elif start == "policies":
             try:
                 p = proxy_outrigger(tmp, proxy_core, policies=True)
@@ -412,11 +468,13 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             p = start(tmp, proxy_core)
         try:
             row["rss_idle_mib"] = rss_mib(p.pids())
+            if name.startswith("outrigger") and not name.startswith("outrigger-mesh"):
+                row["workers"] = worker_threads()
             url = "http://127.0.0.1:%d/" % PROXY_PORT
             # warm-up: pools, caches
             sh(["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d1s", url])
             row["http1"] = measure_load(name, ["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d" + d + "s", url], p.pids)
-            if name in ("outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls"):
+            if name in ("outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls", "outrigger-2w", "outrigger-quota", "outrigger-quota-2w"):
                 h2port = H2_PORT if name in ("nginx", "haproxy") else PROXY_PORT
                 row["http2"] = measure_load(name, ["taskset", "-c", load_core, "h2load", "-c16", "-m10", "-D", d, "http://127.0.0.1:%d/" % h2port], p.pids)
             if name == "outrigger-mesh-mtls":
@@ -505,6 +563,19 @@ def markdown(res, meta):
         if hs:
             lines.append("New full mTLS handshakes on one core (openssl s_time -new): %.0f per second, %.0f µs of CPU each." % (
                 hs["per_second"], hs["cpu_us_per_handshake"]))
+    scaling = [n for n in ("outrigger", "outrigger-2w", "outrigger-quota", "outrigger-quota-2w") if n in res]
+    if len(scaling) > 1:
+        lines.append("")
+        lines.append("| workers and CPU limit | workers | HTTP/1.1 req/s | CPU µs/req | HTTP/2 req/s | h2 CPU µs/req | p50 µs | p99 µs | max µs |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        label = {"outrigger": "1 worker, one core", "outrigger-2w": "2 workers, both cores (shared with the load generator)",
+                 "outrigger-quota": "0.5-CPU quota, workers picked by the proxy", "outrigger-quota-2w": "0.5-CPU quota, 2 workers forced"}
+        for n in scaling:
+            r = res[n]
+            h1, h2, lat = r.get("http1", {}), r.get("http2", {}), r.get("latency", {})
+            lines.append("| %s | %s | %.0f | %.1f | %.0f | %.1f | %.0f | %.0f | %.0f |" % (
+                label[n], "%.0f" % r["workers"] if r.get("workers") else "–", h1.get("rps", 0), h1.get("cpu_us_per_req", 0),
+                h2.get("rps", 0), h2.get("cpu_us_per_req", 0), lat.get("p50_us", 0), lat.get("p99_us", 0), lat.get("max_us", 0)))
     lines.append("")
     lines.append("Medians of %d interleaved rounds, %d s per measurement, one proxy worker pinned to one core; "
                  "open-loop latency at %d req/s (h2load --h1 --rps). Machine: %s, %s cores. %s." % (
@@ -561,9 +632,11 @@ def main():
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rate", type=int, default=2000, help="open-loop request rate")
     ap.add_argument("--sidecar-rate", type=int, default=1000, help="request rate the sizing line is for")
-    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies,outrigger-trace-100,outrigger-trace-1)")
+    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies,outrigger-trace-100,outrigger-trace-1,outrigger-2w,outrigger-quota,outrigger-quota-2w)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
+    wanted = args.only.split(",") if args.only else None
+    args.cgroup = quota_cgroup() if wanted is None or {"outrigger-quota", "outrigger-quota-2w"} & set(wanted) else None
     ensure_tools()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--bin", "outrigger"], cwd=ROOT, check=True)
@@ -577,6 +650,11 @@ def main():
             rounds.append(run_round(args, tmp, proxy_core, load_core, r + 1))
     finally:
         up.stop()
+        if args.cgroup:
+            try:
+                os.rmdir(args.cgroup)
+            except OSError:
+                pass
     res = median_rows(rounds)
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:

@@ -99,7 +99,7 @@ pub async fn serve(
     let proxy = Proxy::start(config, identity).await?;
     metrics().feed_updates.with_label_values(&["ack"]).inc();
     state.set_proxy(proxy.clone());
-    tracing::info!(version = proxy.version(), "ready");
+    tracing::info!(version = proxy.version(), workers = opts.threads, "ready");
     if let Some((path, bytes)) = watch {
         tokio::spawn(crate::feed::watch_file(
             path,

@@ -380,3 +380,99 @@ async fn the_access_log_names_the_last_endpoint_a_retried_request_tried() {
         "{line}"
     );
 }
+
+/// A cgroup with a CPU quota, removed on drop (cgroup v2 `cpu.max` or v1
+/// `cpu.cfs_quota_us`); `None` where this machine does not let us make one.
+struct QuotaCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl QuotaCgroup {
+    fn new(quota_us: u64, period_us: u64) -> Option<QuotaCgroup> {
+        let name = format!("outrigger-test-{}", std::process::id());
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let dir = if v2 {
+            std::path::Path::new("/sys/fs/cgroup").join(&name)
+        } else {
+            std::path::Path::new("/sys/fs/cgroup/cpu").join(&name)
+        };
+        let made = (|| {
+            if v2 {
+                // The cpu controller must be on for the root's children.
+                std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu")?;
+                std::fs::create_dir(&dir)?;
+                std::fs::write(dir.join("cpu.max"), format!("{quota_us} {period_us}"))
+            } else {
+                std::fs::create_dir(&dir)?;
+                std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string())?;
+                std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())
+            }
+        })();
+        match made {
+            Ok(()) => Some(QuotaCgroup { dir }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                eprintln!(
+                    "skipped: cannot make a cgroup with a CPU quota here ({e}); CI runs as root"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for QuotaCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// `outrigger run` with no `--threads` inside `cgroup` (if any), on CPUs
+/// 0 and 1: the worker count its ready line and its gauge report.
+fn workers_started(cgroup: Option<&QuotaCgroup>) -> (u64, f64) {
+    let dir = temp_dir();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        "admin: { address: 127.0.0.1:0, probes: 127.0.0.1:0 }\nlisteners: [ { name: out, role: outbound, address: 127.0.0.1:0 } ]\nroutes: [ { name: r, backends: [ { cluster: app } ] } ]\nclusters: [ { name: app, endpoints: [ { address: 127.0.0.1:9 } ] } ]\n",
+    )
+    .unwrap();
+    let join = cgroup.map_or(String::new(), |c| {
+        format!("echo $$ > {}/cgroup.procs && ", c.dir.display())
+    });
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "{join}exec taskset -c 0,1 {bin} run --config {c} --log-level info",
+        bin = bin(),
+        c = config.display()
+    ));
+    let p = ProxyProc::spawn(cmd, config, "\"message\":\"ready\"");
+    let ready = p
+        .log()
+        .into_iter()
+        .find(|l| l.contains("\"message\":\"ready\""))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .and_then(|v| v["fields"]["workers"].as_u64())
+        .expect("the ready line names the worker count");
+    let gauge = p
+        .metric("outrigger_worker_threads", &[])
+        .expect("outrigger_worker_threads");
+    (ready, gauge)
+}
+
+/// A sidecar limited to half a CPU runs one worker (no cross-thread
+/// wake-ups, no two threads burning one quota), where the same start on two
+/// CPUs without a limit runs two.
+#[tokio::test]
+async fn a_half_cpu_quota_gives_one_worker() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let Some(cg) = QuotaCgroup::new(50_000, 100_000) else {
+        return;
+    };
+    assert_eq!(workers_started(None), (2, 2.0));
+    assert_eq!(workers_started(Some(&cg)), (1, 1.0));
+}

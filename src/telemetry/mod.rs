@@ -46,6 +46,7 @@ pub struct Metrics {
     pub authz_denied: IntCounterVec,
     pub peer_requests: IntCounterVec,
     pub feed_connected: IntGauge,
+    pub worker_threads: IntGauge,
     pub cp_connected: IntGauge,
     pub cp_pushes: IntCounterVec,
     pub cp_acks: IntCounterVec,
@@ -266,6 +267,12 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "1 while the proxy's feed from the control plane is connected.",
     )?;
     registry.register(Box::new(feed_connected.clone()))?;
+    // As Envoy's `server.concurrency`: shows that a CPU limit was honoured.
+    let worker_threads = IntGauge::new(
+        "outrigger_worker_threads",
+        "Worker threads serving traffic (from --threads, else the CPUs the cgroup quota and affinity allow).",
+    )?;
+    registry.register(Box::new(worker_threads.clone()))?;
     let cp_connected = IntGauge::new(
         "outrigger_cp_connected_proxies",
         "Proxies connected to this control plane's feed.",
@@ -347,6 +354,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         authz_denied,
         peer_requests,
         feed_connected,
+        worker_threads,
         cp_connected,
         cp_pushes,
         cp_acks,
