@@ -6,7 +6,7 @@
 //! most 30 s (the admin port's cap), each event printed as it arrives.
 //! `--route` and `--status-min` filter here; `--max` counts what is shown.
 
-use crate::telemetry::tap::Event;
+use crate::telemetry::tap::{DroppedLine, Event};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -74,6 +74,8 @@ pub enum TapError {
 pub struct Summary {
     pub shown: u64,
     pub filtered: u64,
+    /// Requests the proxy answered but this tap could not keep up with.
+    pub dropped: u64,
     /// `--max` events were shown (else the window ended).
     pub max_reached: bool,
 }
@@ -86,6 +88,7 @@ pub fn run(o: &Options) -> Result<Summary, TapError> {
     let mut sum = Summary {
         shown: 0,
         filtered: 0,
+        dropped: 0,
         max_reached: false,
     };
     let deadline = Instant::now().checked_add(Duration::from_secs(o.seconds));
@@ -116,6 +119,14 @@ pub fn run(o: &Options) -> Result<Summary, TapError> {
             );
         }
         let more = follow(addr, body, |line| {
+            if let Ok(d) = serde_json::from_str::<DroppedLine>(line) {
+                eprintln!(
+                    "... {} not shown: the tap fell behind",
+                    plural(d.dropped, "request")
+                );
+                sum.dropped += d.dropped;
+                return Ok(true);
+            }
             let Ok(e) = serde_json::from_str::<Event>(line) else {
                 eprintln!("skipping an unreadable event: {line}");
                 return Ok(true);
@@ -146,9 +157,11 @@ pub fn run(o: &Options) -> Result<Summary, TapError> {
             break;
         }
     }
-    let filtered = match sum.filtered {
-        0 => String::new(),
-        n => format!(", {n} filtered out"),
+    let filtered = match (sum.filtered, sum.dropped) {
+        (0, 0) => String::new(),
+        (n, 0) => format!(", {n} filtered out"),
+        (0, d) => format!(", {d} missed (the tap fell behind)"),
+        (n, d) => format!(", {n} filtered out, {d} missed (the tap fell behind)"),
     };
     if sum.max_reached {
         eprintln!(
@@ -535,6 +548,13 @@ mod tests {
         let line = serde_json::to_string(&event()).unwrap();
         assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), event());
         // A field a proxy does not send reads as empty; new ones are ignored.
+        // A gap line is told apart from an event (which reads any object).
+        let gap = serde_json::to_string(&DroppedLine { dropped: 7 }).unwrap();
+        assert_eq!(
+            serde_json::from_str::<DroppedLine>(&gap).unwrap(),
+            DroppedLine { dropped: 7 }
+        );
+        assert!(serde_json::from_str::<DroppedLine>(&line).is_err());
         let e: Event = serde_json::from_str(r#"{"status":404,"new":1}"#).unwrap();
         assert_eq!(e.status, 404);
         assert_eq!(e.route, "");

@@ -5,6 +5,7 @@ mod app_probe;
 
 use crate::proxy::Proxy;
 use crate::telemetry;
+use crate::telemetry::tap::{DroppedLine, Tapped};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame};
@@ -133,7 +134,9 @@ pub async fn serve(addr: SocketAddr, kind: Kind, state: Arc<State>) -> std::io::
 /// (default 1, at most 30), up to N (default 100, at most 10,000), one JSON
 /// object per line, each sent as it is answered (a chunked body). The tap
 /// is subscribed before the response head goes out: a request sent once the
-/// head arrived is seen. `outrigger tap` asks again for longer views.
+/// head arrived is seen. `outrigger tap` asks again for longer views. A
+/// reader too slow for the traffic gets `{"dropped":N}` where N events went
+/// by unseen.
 fn tap(
     query: Option<&str>,
 ) -> Response<impl Body<Data = Bytes, Error = Infallible> + Send + use<>> {
@@ -162,10 +165,15 @@ fn tap(
                 tokio::select! {
                     _ = &mut window => return None,
                     e = tap.next() => {
-                        let Ok(mut line) = serde_json::to_vec(&e?) else { continue };
+                        // A gap is a line of its own and not counted in `max`.
+                        let (line, counted) = match e? {
+                            Tapped::Event(e) => (serde_json::to_vec(&e), 1),
+                            Tapped::Dropped(dropped) => (serde_json::to_vec(&DroppedLine { dropped }), 0),
+                        };
+                        let Ok(mut line) = line else { continue };
                         line.push(b'\n');
                         let frame = Ok::<_, Infallible>(Frame::data(Bytes::from(line)));
-                        return Some((frame, (tap, window, n + 1)));
+                        return Some((frame, (tap, window, n + counted)));
                     }
                 }
             }

@@ -40,6 +40,21 @@ pub fn publish(e: Event) {
     let _ = channel().send(e);
 }
 
+/// What a tap reads next.
+#[derive(Debug, PartialEq)]
+pub enum Tapped {
+    Event(Event),
+    /// This many events went by while the reader was slow: the channel
+    /// keeps 1,024, and a request never waits for a tap.
+    Dropped(u64),
+}
+
+/// The line `/tap` sends for `Tapped::Dropped`.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DroppedLine {
+    pub dropped: u64,
+}
+
 /// A tap; requests are published while it lives.
 pub struct Tap {
     rx: broadcast::Receiver<Event>,
@@ -53,14 +68,13 @@ impl Tap {
         }
     }
 
-    /// The next event; `None` when the channel is gone.
-    pub async fn next(&mut self) -> Option<Event> {
-        loop {
-            match self.rx.recv().await {
-                Ok(e) => return Some(e),
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+    /// The next event, or how many were lost before it; `None` when the
+    /// channel is gone.
+    pub async fn next(&mut self) -> Option<Tapped> {
+        match self.rx.recv().await {
+            Ok(e) => Some(Tapped::Event(e)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Tapped::Dropped(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
         }
     }
 }
@@ -98,7 +112,24 @@ mod tests {
             peer: String::new(),
             trace_id: String::new(),
         });
-        assert_eq!(t.next().await.unwrap().status, 200);
+        let Some(Tapped::Event(e)) = t.next().await else {
+            panic!("the event");
+        };
+        assert_eq!(e.status, 200);
+
+        // A reader that falls behind is told how many it lost, then reads on.
+        for status in 0..1100 {
+            publish(Event {
+                status,
+                ..Event::default()
+            });
+        }
+        // (At least: another test's requests may be published meanwhile.)
+        let Some(Tapped::Dropped(n)) = t.next().await else {
+            panic!("the gap first");
+        };
+        assert!(n >= 1100 - 1024, "{n}");
+        assert!(matches!(t.next().await, Some(Tapped::Event(_))));
         drop(t);
         assert!(!active());
     }
