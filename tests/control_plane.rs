@@ -5,141 +5,14 @@
 mod support;
 
 use bytes::Bytes;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use support::kube_api::FakeKubeApi;
+use support::mesh::*;
 use support::pki::TD;
 use support::*;
-
-/// A mesh on one machine: CA, tokens, mesh documents, control plane(s).
-struct Mesh {
-    dir: PathBuf,
-    ca_dir: PathBuf,
-    mesh_dir: PathBuf,
-    tokens: PathBuf,
-}
-
-const NS: &str = "shop";
-
-fn token_for(sa: &str) -> String {
-    format!("token-for-{sa}-0123456789")
-}
-
-impl Mesh {
-    fn new(accounts: &[&str]) -> Mesh {
-        let dir = temp_dir();
-        let ca_dir = dir.join("ca");
-        outrigger::tls::ca::init(&ca_dir, TD).unwrap();
-        let mesh_dir = dir.join("mesh");
-        std::fs::create_dir_all(&mesh_dir).unwrap();
-        let tokens = dir.join("tokens.yaml");
-        let mut t = String::new();
-        for sa in accounts {
-            t.push_str(&format!(
-                "- {{ token: {}, identity: \"spiffe://{TD}/ns/{NS}/sa/{sa}\" }}\n",
-                token_for(sa)
-            ));
-        }
-        std::fs::write(&tokens, t).unwrap();
-        Mesh {
-            dir,
-            ca_dir,
-            mesh_dir,
-            tokens,
-        }
-    }
-
-    fn write(&self, file: &str, text: &str) {
-        let tmp = self.mesh_dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.mesh_dir.join(file)).unwrap();
-    }
-
-    fn control_plane(&self, extra: &[&str]) -> ProxyProc {
-        self.control_plane_at("127.0.0.1:0", extra)
-    }
-
-    fn control_plane_at(&self, listen: &str, extra: &[&str]) -> ProxyProc {
-        let mut args = vec![
-            "--listen",
-            listen,
-            "--trust-domain",
-            TD,
-            "--grace",
-            "300ms",
-            "--watch-interval",
-            "100ms",
-        ];
-        args.extend_from_slice(extra);
-        let (md, ca, tok) = (
-            self.mesh_dir.display().to_string(),
-            self.ca_dir.display().to_string(),
-            self.tokens.display().to_string(),
-        );
-        let mut all: Vec<&str> = args.clone();
-        all.extend(["--mesh-dir", &md, "--ca-dir", &ca, "--tokens", &tok]);
-        ProxyProc::control_plane(&all)
-    }
-
-    /// A control plane on the Kubernetes API at `api` (TokenReview for the
-    /// proxies' tokens: no tokens file).
-    fn control_plane_kube(&self, api: &FakeKubeApi) -> ProxyProc {
-        let kubeconfig = api.kubeconfig(&self.dir);
-        let ca = self.ca_dir.display().to_string();
-        ProxyProc::control_plane_env(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--trust-domain",
-                TD,
-                "--grace",
-                "300ms",
-                "--kubernetes",
-                "--ca-dir",
-                &ca,
-            ],
-            &[("KUBECONFIG", &kubeconfig)],
-        )
-    }
-
-    /// A proxy fed by `cps`, for `service` run as `sa`; with `app`, an
-    /// inbound listener in front of it (registered as an endpoint).
-    fn proxy(
-        &self,
-        cps: &[&ProxyProc],
-        sa: &str,
-        service: &str,
-        app: Option<&Upstream>,
-        extra: &str,
-    ) -> ProxyProc {
-        let token = self.dir.join(format!("{sa}-{}.token", free_port()));
-        std::fs::write(&token, token_for(sa)).unwrap();
-        let urls: Vec<String> = cps
-            .iter()
-            .map(|c| format!("\"https://{}\"", c.addr("cp")))
-            .collect();
-        let (inbound, app_port) = match app {
-            Some(a) => (free_port(), a.addr.port()),
-            None => (0, 0),
-        };
-        ProxyProc::start(&format!(
-            "node: {{ id: {service}-{}, service: {service}, namespace: {NS} }}\nidentity: {{ trust_domain: {TD}, source: {{ control_plane: true }} }}\nfeed: {{ control_plane: [{}], ca: {}, token_file: {}, service_account: {sa}, inbound_port: {inbound}, outbound_port: {}, app_port: {app_port}{extra} }}\n",
-            free_port(),
-            urls.join(", "),
-            self.ca_dir.join("ca.pem").display(),
-            token.display(),
-            free_port(),
-        ))
-    }
-}
-
-fn service(name: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {NS} }}\nspec: {{ ports: [ {{ name: http, port: 8080 }} ] }}\n"
-    )
-}
 
 fn split(v1: u32, v2: u32) -> String {
     format!(

@@ -7,120 +7,16 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use support::mesh::*;
 use support::pki::TD;
 use support::*;
 
-const NS: &str = "shop";
 const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn token_for(sa: &str) -> String {
-    format!("token-for-{sa}-0123456789")
-}
-
-/// A mesh on one machine: CA, tokens, mesh documents, a control plane.
-struct Mesh {
-    dir: PathBuf,
-    ca_dir: PathBuf,
-    mesh_dir: PathBuf,
-    tokens: PathBuf,
-}
-
-impl Mesh {
-    fn new(accounts: &[&str]) -> Mesh {
-        let dir = temp_dir();
-        let ca_dir = dir.join("ca");
-        outrigger::tls::ca::init(&ca_dir, TD).unwrap();
-        let mesh_dir = dir.join("mesh");
-        std::fs::create_dir_all(&mesh_dir).unwrap();
-        let tokens = dir.join("tokens.yaml");
-        let mut t = String::new();
-        for sa in accounts {
-            t.push_str(&format!(
-                "- {{ token: {}, identity: \"spiffe://{TD}/ns/{NS}/sa/{sa}\" }}\n",
-                token_for(sa)
-            ));
-        }
-        std::fs::write(&tokens, t).unwrap();
-        Mesh {
-            dir,
-            ca_dir,
-            mesh_dir,
-            tokens,
-        }
-    }
-
-    fn write(&self, file: &str, text: &str) {
-        let tmp = self.mesh_dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.mesh_dir.join(file)).unwrap();
-    }
-
-    fn control_plane(&self) -> ProxyProc {
-        let (md, ca, tok) = (
-            self.mesh_dir.display().to_string(),
-            self.ca_dir.display().to_string(),
-            self.tokens.display().to_string(),
-        );
-        ProxyProc::control_plane(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--trust-domain",
-            TD,
-            "--grace",
-            "300ms",
-            "--watch-interval",
-            "100ms",
-            "--mesh-dir",
-            &md,
-            "--ca-dir",
-            &ca,
-            "--tokens",
-            &tok,
-        ])
-    }
-
-    /// A proxy fed by `cp`, for `service` run as `sa`; with `app`, an
-    /// inbound listener in front of it. Returns it and its node id.
-    fn proxy(
-        &self,
-        cp: &ProxyProc,
-        sa: &str,
-        service: &str,
-        app: Option<&Upstream>,
-    ) -> (ProxyProc, String) {
-        let token = self.token_file(sa);
-        let (inbound, app_port) = match app {
-            Some(a) => (free_port(), a.addr.port()),
-            None => (0, 0),
-        };
-        let node = format!("{service}-{}", free_port());
-        let p = ProxyProc::start(&format!(
-            "node: {{ id: {node}, service: {service}, namespace: {NS} }}\nidentity: {{ trust_domain: {TD}, source: {{ control_plane: true }} }}\nfeed: {{ control_plane: [\"https://{}\"], ca: {}, token_file: {}, service_account: {sa}, inbound_port: {inbound}, outbound_port: {}, app_port: {app_port} }}\n",
-            cp.addr("cp"),
-            self.ca_dir.join("ca.pem").display(),
-            token.display(),
-            free_port(),
-        ));
-        (p, node)
-    }
-
-    fn token_file(&self, sa: &str) -> PathBuf {
-        let token = self.dir.join(format!("{sa}-{}.token", free_port()));
-        std::fs::write(&token, token_for(sa)).unwrap();
-        token
-    }
-}
-
-fn service(name: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {NS} }}\nspec: {{ ports: [ {{ name: http, port: 8080 }} ] }}\n"
-    )
-}
 
 /// `curl` against the control plane: (status, body).
 fn cp_curl(
@@ -254,7 +150,7 @@ async fn live_mesh() -> Live {
         "stock-policy.yaml",
         &format!("apiVersion: outrigger.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{ name: stock, namespace: {NS} }}\nspec: {{ targetRef: {{ kind: Service, name: stock }}, outlierDetection: {{ consecutive5xx: 3, baseEjection: 60s, maxEjectionPercent: 50 }} }}\n"),
     );
-    let cp = m.control_plane();
+    let cp = m.control_plane(&[]);
     let orders_app = Upstream::with(
         "orders",
         UpstreamOpts {
@@ -273,11 +169,12 @@ async fn live_mesh() -> Live {
         },
     )
     .await;
-    let (orders, orders_id) = m.proxy(&cp, "orders", "orders", Some(&orders_app));
-    let (payments, payments_id) = m.proxy(&cp, "payments", "payments", Some(&payments_app));
-    let (stock, stock_id) = m.proxy(&cp, "stock", "stock", Some(&stock_app));
-    let (broken, broken_id) = m.proxy(&cp, "stock", "stock", Some(&broken_app));
-    let (web, web_id) = m.proxy(&cp, "web", "web", None);
+    let (orders, orders_id) = m.proxy_node(&[&cp], "orders", "orders", Some(&orders_app), "");
+    let (payments, payments_id) =
+        m.proxy_node(&[&cp], "payments", "payments", Some(&payments_app), "");
+    let (stock, stock_id) = m.proxy_node(&[&cp], "stock", "stock", Some(&stock_app), "");
+    let (broken, broken_id) = m.proxy_node(&[&cp], "stock", "stock", Some(&broken_app), "");
+    let (web, web_id) = m.proxy_node(&[&cp], "web", "web", None, "");
     let c = TestClient::h1(web.addr("outbound"));
     for host in ["orders", "payments"] {
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -613,10 +510,10 @@ async fn outrigger_stat_prints_the_mesh_and_one_proxy() {
 async fn reports_are_checked_bounded_and_go_with_their_node() {
     let m = Mesh::new(&["web", "orders", "dashboard"]);
     m.write("services.yaml", &service("orders"));
-    let cp = m.control_plane();
+    let cp = m.control_plane(&[]);
     let app = Upstream::start("orders").await;
-    let (orders, orders_id) = m.proxy(&cp, "orders", "orders", Some(&app));
-    let (web, web_id) = m.proxy(&cp, "web", "web", None);
+    let (orders, orders_id) = m.proxy_node(&[&cp], "orders", "orders", Some(&app), "");
+    let (web, web_id) = m.proxy_node(&[&cp], "web", "web", None, "");
     // Both report right after their first config.
     until_mesh(&cp, "no reports", |v| {
         v["proxies"].as_array().is_some_and(|p| {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kube_api;
+pub mod mesh;
 pub mod pki;
 pub mod upstream;
 

@@ -1,0 +1,157 @@
+//! A mesh on one machine for the end-to-end tests of the control plane
+//! and the dashboard: a CA, service-account tokens, a directory of mesh
+//! documents, control planes on it and proxies fed by them.
+
+use super::kube_api::FakeKubeApi;
+use super::pki::TD;
+use super::upstream::Upstream;
+use super::{ProxyProc, free_port, temp_dir};
+use std::path::PathBuf;
+
+/// A mesh on one machine: CA, tokens, mesh documents, control plane(s).
+pub struct Mesh {
+    pub dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub mesh_dir: PathBuf,
+    pub tokens: PathBuf,
+}
+
+pub const NS: &str = "shop";
+
+pub fn token_for(sa: &str) -> String {
+    format!("token-for-{sa}-0123456789")
+}
+
+impl Mesh {
+    pub fn new(accounts: &[&str]) -> Mesh {
+        let dir = temp_dir();
+        let ca_dir = dir.join("ca");
+        outrigger::tls::ca::init(&ca_dir, TD).unwrap();
+        let mesh_dir = dir.join("mesh");
+        std::fs::create_dir_all(&mesh_dir).unwrap();
+        let tokens = dir.join("tokens.yaml");
+        let mut t = String::new();
+        for sa in accounts {
+            t.push_str(&format!(
+                "- {{ token: {}, identity: \"spiffe://{TD}/ns/{NS}/sa/{sa}\" }}\n",
+                token_for(sa)
+            ));
+        }
+        std::fs::write(&tokens, t).unwrap();
+        Mesh {
+            dir,
+            ca_dir,
+            mesh_dir,
+            tokens,
+        }
+    }
+
+    pub fn write(&self, file: &str, text: &str) {
+        let tmp = self.mesh_dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.mesh_dir.join(file)).unwrap();
+    }
+
+    pub fn control_plane(&self, extra: &[&str]) -> ProxyProc {
+        self.control_plane_at("127.0.0.1:0", extra)
+    }
+
+    pub fn control_plane_at(&self, listen: &str, extra: &[&str]) -> ProxyProc {
+        let mut args = vec![
+            "--listen",
+            listen,
+            "--trust-domain",
+            TD,
+            "--grace",
+            "300ms",
+            "--watch-interval",
+            "100ms",
+        ];
+        args.extend_from_slice(extra);
+        let (md, ca, tok) = (
+            self.mesh_dir.display().to_string(),
+            self.ca_dir.display().to_string(),
+            self.tokens.display().to_string(),
+        );
+        let mut all: Vec<&str> = args.clone();
+        all.extend(["--mesh-dir", &md, "--ca-dir", &ca, "--tokens", &tok]);
+        ProxyProc::control_plane(&all)
+    }
+
+    /// A control plane on the Kubernetes API at `api` (TokenReview for the
+    /// proxies' tokens: no tokens file).
+    pub fn control_plane_kube(&self, api: &FakeKubeApi) -> ProxyProc {
+        let kubeconfig = api.kubeconfig(&self.dir);
+        let ca = self.ca_dir.display().to_string();
+        ProxyProc::control_plane_env(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--trust-domain",
+                TD,
+                "--grace",
+                "300ms",
+                "--kubernetes",
+                "--ca-dir",
+                &ca,
+            ],
+            &[("KUBECONFIG", &kubeconfig)],
+        )
+    }
+
+    /// A proxy fed by `cps`, for `service` run as `sa`; with `app`, an
+    /// inbound listener in front of it (registered as an endpoint).
+    pub fn proxy(
+        &self,
+        cps: &[&ProxyProc],
+        sa: &str,
+        service: &str,
+        app: Option<&Upstream>,
+        extra: &str,
+    ) -> ProxyProc {
+        self.proxy_node(cps, sa, service, app, extra).0
+    }
+
+    /// `proxy`, and its node id.
+    pub fn proxy_node(
+        &self,
+        cps: &[&ProxyProc],
+        sa: &str,
+        service: &str,
+        app: Option<&Upstream>,
+        extra: &str,
+    ) -> (ProxyProc, String) {
+        let token = self.token_file(sa);
+        let urls: Vec<String> = cps
+            .iter()
+            .map(|c| format!("\"https://{}\"", c.addr("cp")))
+            .collect();
+        let (inbound, app_port) = match app {
+            Some(a) => (free_port(), a.addr.port()),
+            None => (0, 0),
+        };
+        let node = format!("{service}-{}", free_port());
+        let p = ProxyProc::start(&format!(
+            "node: {{ id: {node}, service: {service}, namespace: {NS} }}\nidentity: {{ trust_domain: {TD}, source: {{ control_plane: true }} }}\nfeed: {{ control_plane: [{}], ca: {}, token_file: {}, service_account: {sa}, inbound_port: {inbound}, outbound_port: {}, app_port: {app_port}{extra} }}\n",
+            urls.join(", "),
+            self.ca_dir.join("ca.pem").display(),
+            token.display(),
+            free_port(),
+        ));
+        (p, node)
+    }
+
+    /// A file holding `sa`'s token, as a pod's projected token.
+    pub fn token_file(&self, sa: &str) -> PathBuf {
+        let token = self.dir.join(format!("{sa}-{}.token", free_port()));
+        std::fs::write(&token, token_for(sa)).unwrap();
+        token
+    }
+}
+
+/// A `Service` document in the mesh's namespace.
+pub fn service(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {NS} }}\nspec: {{ ports: [ {{ name: http, port: 8080 }} ] }}\n"
+    )
+}
