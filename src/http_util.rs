@@ -178,6 +178,30 @@ pub fn strip_own(headers: &mut HeaderMap) {
     }
 }
 
+/// A client response's body read whole when the status is a success; else
+/// an error naming `what`, the status and the body (where the other end
+/// says why).
+pub async fn success_body(
+    resp: http::Response<hyper::body::Incoming>,
+    what: &str,
+) -> Result<bytes::Bytes, String> {
+    use http_body_util::BodyExt;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{what}: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "{what}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    Ok(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use super::traffic::{self, Figures, MeshView, NodeStats, RouteRow};
 use crate::tls::spiffe::SpiffeId;
 use crate::tls::verify::{Roots, ServerIdentityVerifier};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use std::io::{IsTerminal, Write};
@@ -116,15 +116,7 @@ async fn scrape(admin: &str) -> Result<Report, String> {
         .await
         .map_err(|_| format!("{admin}: no answer"))?
         .map_err(|e| format!("{admin}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("{admin}/metrics: {}", resp.status()));
-    }
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = crate::http_util::success_body(resp, &format!("{admin}/metrics")).await?;
     Ok(Report::from_prometheus_text(&String::from_utf8_lossy(
         &body,
     )))
@@ -241,19 +233,7 @@ impl CpClient {
             .map_err(|_| "no answer".to_string())?
             .map_err(|e| e.to_string())?;
         *slot = Some(send);
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!(
-                "/v1/mesh: {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            ));
-        }
+        let body = crate::http_util::success_body(resp, "/v1/mesh").await?;
         serde_json::from_slice(&body).map_err(|e| format!("/v1/mesh: {e}"))
     }
 }

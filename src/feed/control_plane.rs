@@ -250,19 +250,7 @@ impl FeedClient {
             ))
             .await
             .map_err(|e| format!("{url}: {e}"))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!(
-                "{url}: {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            ));
-        }
+        let body = crate::http_util::success_body(resp, &url).await?;
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let cert = v["certificate"]
             .as_str()
