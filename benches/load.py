@@ -268,6 +268,10 @@ def quota_cgroup(quota_us=50000, period_us=100000):
         return d
     except OSError as e:
         print("  (CPU-quota rows skipped: cannot make a cgroup: %s)" % e, file=sys.stderr)
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
         return None
 
 
@@ -635,8 +639,6 @@ def main():
     ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies,outrigger-trace-100,outrigger-trace-1,outrigger-2w,outrigger-quota,outrigger-quota-2w)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
-    wanted = args.only.split(",") if args.only else None
-    args.cgroup = quota_cgroup() if wanted is None or {"outrigger-quota", "outrigger-quota-2w"} & set(wanted) else None
     ensure_tools()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--bin", "outrigger"], cwd=ROOT, check=True)
@@ -645,7 +647,11 @@ def main():
     up = upstream_nginx(tmp, load_core)
     SpanSink()
     rounds = []
+    wanted = args.only.split(",") if args.only else None
+    args.cgroup = None
     try:
+        if wanted is None or {"outrigger-quota", "outrigger-quota-2w"} & set(wanted):
+            args.cgroup = quota_cgroup()
         for r in range(args.rounds):
             rounds.append(run_round(args, tmp, proxy_core, load_core, r + 1))
     finally:

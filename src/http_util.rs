@@ -194,9 +194,11 @@ pub async fn success_body(
         .map_err(|e| format!("{what}: {e}"))?
         .to_bytes();
     if !status.is_success() {
+        // The start of what the other end said is enough for a message.
+        let said = &body[..body.len().min(300)];
         return Err(format!(
             "{what}: {status}: {}",
-            String::from_utf8_lossy(&body).trim()
+            String::from_utf8_lossy(said).trim()
         ));
     }
     Ok(body)

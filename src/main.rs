@@ -602,12 +602,7 @@ fn block_on<E: std::fmt::Display>(
     fut: impl std::future::Future<Output = Result<(), E>>,
 ) -> ExitCode {
     let rt = match run::runtime(opts.threads) {
-        Ok(rt) => {
-            outrigger::telemetry::metrics()
-                .worker_threads
-                .set(i64::try_from(opts.threads.max(1)).unwrap_or(i64::MAX));
-            rt
-        }
+        Ok(rt) => rt,
         Err(e) => {
             eprintln!("outrigger: cannot start the runtime: {e}");
             return ExitCode::from(1);

@@ -83,6 +83,11 @@ pub async fn serve(
     watch: Option<(PathBuf, Vec<u8>)>,
     opts: &Options,
 ) -> Result<(), RunError> {
+    // `--threads 0` runs one, as `runtime` does.
+    let workers = opts.threads.max(1);
+    metrics()
+        .worker_threads
+        .set(i64::try_from(workers).unwrap_or(i64::MAX));
     let state = admin::State::new();
     for (addr, kind) in [
         (config.admin.address, Kind::Admin),
@@ -99,7 +104,7 @@ pub async fn serve(
     let proxy = Proxy::start(config, identity).await?;
     metrics().feed_updates.with_label_values(&["ack"]).inc();
     state.set_proxy(proxy.clone());
-    tracing::info!(version = proxy.version(), workers = opts.threads, "ready");
+    tracing::info!(version = proxy.version(), workers, "ready");
     if let Some((path, bytes)) = watch {
         tokio::spawn(crate::feed::watch_file(
             path,

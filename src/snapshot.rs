@@ -8,7 +8,6 @@
 use crate::balance::dns::Resolved;
 use crate::balance::{Cluster, ClusterService};
 use crate::config::{self, Config, Role};
-use crate::error::TimeoutKind;
 use crate::policy::authz::{Authz, AuthzLayer, AuthzService};
 use crate::policy::fault::{Fault, FaultLayer};
 use crate::policy::rate_limit::{RateLimit, RateLimitLayer, TokenBucket};
@@ -68,6 +67,11 @@ fn route_stack(
         .and_then(|r| r.retry.as_ref())
         .and_then(|rt| rt.per_try_timeout)
         .map(|d| d.0);
+    let (route_timeout, per_try_timeout) = TimeoutLayer::route_and_per_try(
+        r.and_then(|r| r.timeout).map(|d| d.0),
+        per_try,
+        route_name,
+    );
     tower::ServiceBuilder::new()
         .layer(AuthzLayer::new(authz))
         .layer(RateLimitLayer::new(bucket))
@@ -75,20 +79,13 @@ fn route_stack(
             r.and_then(|r| r.total_timeout).map(|d| d.0),
             route_name,
         ))
-        .layer(
-            TimeoutLayer::new(
-                r.and_then(|r| r.timeout).map(|d| d.0),
-                TimeoutKind::Route,
-                route_name,
-            )
-            .telling_per_try(per_try),
-        )
+        .layer(route_timeout)
         .layer(FaultLayer::new(
             r.and_then(|r| r.fault.as_ref()),
             route_name,
         ))
         .layer(RetryLayer::new(retry, cluster.limits.clone()))
-        .layer(TimeoutLayer::new(per_try, TimeoutKind::PerTry, route_name).silent())
+        .layer(per_try_timeout)
         .service(ClusterService {
             cluster: cluster.clone(),
         })

@@ -72,6 +72,11 @@ pub fn take_pick() -> Option<SocketAddr> {
     PICKED.with(|p| p.take())
 }
 
+/// Records the endpoint a request was just sent to (see `PICKED`).
+pub fn note_pick(addr: SocketAddr) {
+    PICKED.with(|p| p.set(Some(addr)));
+}
+
 impl Cluster {
     /// A cluster of plaintext endpoints.
     pub fn new(c: &config::Cluster) -> Arc<Cluster> {
@@ -343,6 +348,10 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
         Poll::Ready(Ok(()))
     }
 
+    /// The endpoint is picked in the future's first poll, on the polling
+    /// thread, and noted there (`note_pick`): the retry layer learns where
+    /// an attempt went (also one a per-try timeout then abandons) from
+    /// it. Picking here in `call`, or on another task, would break that.
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let cluster = self.cluster.clone();
         Box::pin(async move {
@@ -356,7 +365,7 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
                 return Err(ProxyError::NoEndpoints(cluster.name.clone()));
             };
             let endpoint = cluster.endpoints[idx].clone();
-            PICKED.with(|p| p.set(Some(endpoint.addr)));
+            note_pick(endpoint.addr);
             if let Some(t) = &tried {
                 t.0.lock().push(endpoint.addr);
             }

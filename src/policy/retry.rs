@@ -522,4 +522,42 @@ mod tests {
         let p = RetryPolicy::new(&cfg(3, vec![RetryOn::Unavailable]), "r6");
         assert_eq!(p.retry_reason(&Ok(grpc)), Some("unavailable"));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_try_timeout_moves_the_retry_to_another_endpoint() {
+        use crate::policy::timeout::TimeoutLayer;
+        let slow: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        // A cluster stand-in: picks `slow` first, as the balancer would note
+        // it in its first poll, and hangs there; a retry that was told to
+        // avoid `slow` gets an answer, one that was not gets a 500.
+        let cluster = tower::service_fn(move |req: Request<ReqBody>| {
+            let avoid = req
+                .extensions()
+                .get::<Tried>()
+                .is_some_and(|t| t.0.lock().contains(&slow));
+            async move {
+                if avoid {
+                    return Ok::<_, ProxyError>(Response::builder().status(200).body(()).unwrap());
+                }
+                crate::balance::note_pick(slow);
+                std::future::pending::<()>().await;
+                Ok(Response::builder().status(500).body(()).unwrap())
+            }
+        });
+        let mut c = cfg(2, vec![RetryOn::Reset]);
+        c.per_try_timeout = Some(config::Dur(Duration::from_millis(100)));
+        let p = RetryPolicy::new(&c, "r-pick");
+        for _ in 0..10 {
+            p.budget.deposit();
+        }
+        let (_, per_try) =
+            TimeoutLayer::route_and_per_try(None, Some(Duration::from_millis(100)), "r-pick");
+        let mut svc = tower::ServiceBuilder::new()
+            .layer(RetryLayer::new(Some(p), limits()))
+            .layer(per_try)
+            .service(cluster);
+        let r = svc.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[ATTEMPTS], "2");
+    }
 }

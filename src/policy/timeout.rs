@@ -47,21 +47,22 @@ impl TimeoutLayer {
         }
     }
 
-    /// A route layer above a per-try timeout: tells the next hop the
-    /// shorter of the two, so that the per-try layer (made `silent`) need
-    /// not read and rewrite the header on every attempt. Across retries
-    /// the next hop is told the same (the time left at the route's entry,
-    /// shortened by the per-try timeout).
-    pub fn telling_per_try(mut self, per_try: Option<Duration>) -> Self {
-        self.floor = [self.after, per_try].into_iter().flatten().min();
-        self.told = self.floor.map(ms_value);
-        self
-    }
-
-    /// A per-try layer whose route layer tells the next hop about it.
-    pub fn silent(mut self) -> Self {
-        self.tells = false;
-        self
+    /// The route's timeout layer and, below the retry layer, its per-try
+    /// one. The route layer tells the next hop the shorter of the two, so
+    /// that the per-try layer need not read and rewrite the header on
+    /// every attempt (across retries the next hop is told the same: the
+    /// time left at the route's entry, shortened by the per-try timeout).
+    pub fn route_and_per_try(
+        route: Option<Duration>,
+        per_try: Option<Duration>,
+        name: &str,
+    ) -> (TimeoutLayer, TimeoutLayer) {
+        let mut outer = TimeoutLayer::new(route, TimeoutKind::Route, name);
+        outer.floor = [route, per_try].into_iter().flatten().min();
+        outer.told = outer.floor.map(ms_value);
+        let mut inner = TimeoutLayer::new(per_try, TimeoutKind::PerTry, name);
+        inner.tells = false;
+        (outer, inner)
     }
 }
 
@@ -336,12 +337,10 @@ mod tests {
         });
         let stack = |route: Option<u64>, per_try: Option<u64>| {
             let ms = |v: Option<u64>| v.map(Duration::from_millis);
-            let per_try_layer = TimeoutLayer::new(ms(per_try), TimeoutKind::PerTry, "t3").silent();
+            let (route_layer, per_try_layer) =
+                TimeoutLayer::route_and_per_try(ms(route), ms(per_try), "t3");
             tower::ServiceBuilder::new()
-                .layer(
-                    TimeoutLayer::new(ms(route), TimeoutKind::Route, "t3")
-                        .telling_per_try(ms(per_try)),
-                )
+                .layer(route_layer)
                 .layer(per_try_layer)
                 .service(told)
         };
