@@ -407,29 +407,8 @@ async fn nobody_gets_a_certificate_or_a_feed_for_another_identity() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let post = |path: &str, token: &str, body: &Path| -> (u16, String) {
-        let out = std::process::Command::new("curl")
-            .args([
-                "-sk",
-                "--http2",
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-                "-X",
-                "POST",
-                "-H",
-            ])
-            .arg(format!("authorization: Bearer {token}"))
-            .arg("--data-binary")
-            .arg(format!("@{}", body.display()))
-            .arg(format!("{url}{path}"))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        (code.parse().unwrap(), body.to_string())
-    };
+    let post =
+        |path: &str, token: &str, body: &Path| cp_curl(&cp, "POST", path, Some(token), Some(body));
     // web asking for orders' identity.
     openssl_csr(
         &format!("spiffe://{TD}/ns/{NS}/sa/orders"),

@@ -18,40 +18,6 @@ use support::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// `curl` against the control plane: (status, body).
-fn cp_curl(
-    cp: &ProxyProc,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Path>,
-) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args([
-        "-sk",
-        "--http2",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "-X",
-        method,
-    ]);
-    if let Some(t) = token {
-        c.arg("-H").arg(format!("authorization: Bearer {t}"));
-    }
-    if let Some(b) = body {
-        c.arg("--data-binary").arg(format!("@{}", b.display()));
-    }
-    let out = c
-        .arg(format!("https://{}{path}", cp.addr("cp")))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 fn mesh_json(cp: &ProxyProc) -> serde_json::Value {
     let (code, body) = cp_curl(cp, "GET", "/v1/mesh", Some(&token_for("dashboard")), None);
     assert_eq!(code, 200, "{body}");

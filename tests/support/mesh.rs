@@ -6,7 +6,7 @@ use super::kube_api::FakeKubeApi;
 use super::pki::TD;
 use super::upstream::Upstream;
 use super::{ProxyProc, free_port, temp_dir};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A mesh on one machine: CA, tokens, mesh documents, control plane(s).
 pub struct Mesh {
@@ -154,4 +154,38 @@ pub fn service(name: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {NS} }}\nspec: {{ ports: [ {{ name: http, port: 8080 }} ] }}\n"
     )
+}
+
+/// `curl` against the control plane: (status, body).
+pub fn cp_curl(
+    cp: &ProxyProc,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Path>,
+) -> (u16, String) {
+    let mut c = std::process::Command::new("curl");
+    c.args([
+        "-sk",
+        "--http2",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ]);
+    if let Some(t) = token {
+        c.arg("-H").arg(format!("authorization: Bearer {t}"));
+    }
+    if let Some(b) = body {
+        c.arg("--data-binary").arg(format!("@{}", b.display()));
+    }
+    let out = c
+        .arg(format!("https://{}{path}", cp.addr("cp")))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }
