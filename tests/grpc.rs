@@ -60,6 +60,17 @@ fn grpc_client(mode: &str, target: std::net::SocketAddr, authority: &str) -> ser
 
 #[test]
 fn grpc_unary_and_streaming_pass_through() {
+    grpc_passes_through_with("2");
+}
+
+/// One worker serves a connection's HTTP/2 streams on the connection's own
+/// task instead of spawning them (src/proxy/streams.rs).
+#[test]
+fn grpc_unary_and_streaming_pass_through_one_worker() {
+    grpc_passes_through_with("1");
+}
+
+fn grpc_passes_through_with(threads: &str) {
     let server = grpc_server();
     let yaml = format!(
         r#"
@@ -71,7 +82,7 @@ clusters:
 "#,
         server.1
     );
-    let p = ProxyProc::start(&yaml);
+    let p = ProxyProc::start_with(&yaml, &["--threads", threads]);
     let out = grpc_client("client", p.addr("out"), "echo.grpc");
     assert_eq!(out["unary"], "echo:hello");
     assert_eq!(out["trailer"], "grpc-peer", "trailing metadata lost: {out}");

@@ -296,3 +296,71 @@ async fn a_black_holed_upstream_hits_the_connect_timeout() {
     assert_eq!(r.header("x-outrigger-reason"), Some("connect-timeout"));
     drop(hole);
 }
+
+/// With one worker, a connection's HTTP/2 streams run on the connection's
+/// own task (src/proxy/streams.rs): many at once on one connection, each
+/// answered with its own body, trailers kept, a stream the client abandons
+/// mid-body reset without disturbing the others, and the connection still
+/// serving afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_share_one_worker_and_one_connection() {
+    for cluster in ["http1", "http2"] {
+        let up = Upstream::start("app").await;
+        let p = ProxyProc::start_with(&config(cluster, &up), &["--threads", "1"]);
+        let c = TestClient::h2(p.addr("out"));
+        // Opens the connection every request below shares.
+        assert_eq!(get(&c, "app.svc", "/").await.status, 200);
+        let first = c.h2_sender().await.expect("an HTTP/2 connection");
+
+        // A stream that never ends, abandoned after its first chunk.
+        let mut stalled = c
+            .request(
+                http::Request::get("http://app.svc/stall")
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .expect("stall answered")
+            .into_body();
+        let chunk = http_body_util::BodyExt::frame(&mut stalled)
+            .await
+            .expect("a first chunk")
+            .expect("a frame");
+        assert_eq!(chunk.into_data().ok().as_deref(), Some(&b"first"[..]));
+
+        let echoes = (0..40).map(|i| {
+            let c = &c;
+            async move {
+                let body = format!("stream {i} ").repeat(i * 50 + 1);
+                let r = send(c, "POST", "app.svc", "/echo", &[], body.clone()).await;
+                assert_eq!(r.status, 200, "{cluster} stream {i}");
+                assert_eq!(r.text(), body, "{cluster} stream {i} got another's body");
+            }
+        });
+        let trailers = async {
+            let r = get(&c, "app.svc", "/trailers").await;
+            assert_eq!(r.text(), "with trailers");
+            // An HTTP/1.1 app sends trailers only to a client that asked.
+            if cluster == "http2" {
+                let t = r.trailers.expect("trailers");
+                assert_eq!(t.get("x-trailer").unwrap(), "yes");
+            }
+        };
+        tokio::join!(futures_util::future::join_all(echoes), trailers);
+        drop(stalled);
+
+        for _ in 0..3 {
+            assert_eq!(get(&c, "app.svc", "/").await.text(), "app");
+        }
+        // The client opens a new connection only when its last one closed.
+        assert!(
+            !first.is_closed(),
+            "{cluster}: every request should have shared the first connection"
+        );
+        assert_eq!(
+            p.metric("outrigger_worker_threads", &[]),
+            Some(1.0),
+            "{cluster}"
+        );
+    }
+}

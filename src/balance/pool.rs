@@ -511,6 +511,8 @@ impl Endpoint {
     async fn connect_h1(&self, permit: Permit) -> Result<Pooled, UpstreamError> {
         let io = TokioIo::new(self.connect_io(false).await?);
         let (sender, conn) = http1::Builder::new()
+            // As on the listeners: one copy-and-write, not a writev.
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake {

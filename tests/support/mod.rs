@@ -84,16 +84,12 @@ impl ProxyProc {
         };
         std::fs::write(&config_path, full).unwrap();
         let mut cmd = Command::new(bin());
-        cmd.args(["run", "--config"])
-            .arg(&config_path)
-            .args([
-                "--threads",
-                "2",
-                "--watch-interval",
-                "100ms",
-                "--log-level",
-                "info",
-            ])
+        cmd.args(["run", "--config"]).arg(&config_path);
+        // Two workers unless the test asks for its own count.
+        if !args.contains(&"--threads") {
+            cmd.args(["--threads", "2"]);
+        }
+        cmd.args(["--watch-interval", "100ms", "--log-level", "info"])
             .args(args);
         Self::spawn(cmd, config_path, "\"message\":\"ready\"")
     }
