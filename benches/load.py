@@ -235,11 +235,12 @@ def outrigger_yaml(tmp, name, listeners, admin_port, policies=False, sampling=No
     return path
 
 
-def proxy_outrigger(tmp, core, policies=False, sampling=None, threads="1", cgroup=None):
+def proxy_outrigger(tmp, core, policies=False, sampling=None, threads="1", cgroup=None, exe=None):
     """threads=None: the proxy picks its worker count (CPU quota, affinity);
-    cgroup: a directory the proxy joins before it starts."""
+    cgroup: a directory the proxy joins before it starts; exe: another build
+    (--base-bin) instead of this tree's."""
     path = outrigger_yaml(tmp, "outrigger", ["{ name: out, role: outbound, address: 127.0.0.1:%d }" % PROXY_PORT], 18510, policies, sampling)
-    exe = os.path.join(ROOT, "target", "release", "outrigger")
+    exe = exe or os.path.join(ROOT, "target", "release", "outrigger")
     cmd = [exe, "run", "--config", path, "--log-level", "error"] + (["--threads", threads] if threads else [])
     if cgroup:
         cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup] + cmd
@@ -442,6 +443,9 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
                 # the load generator), and half a CPU's quota with the worker
                 # count the proxy picks (1) and with two forced.
                 ("outrigger-2w", "2w"), ("outrigger-quota", "quota"), ("outrigger-quota-2w", "quota-2w")]
+    if args.base_bin:
+        # Before and after a change, in the same rounds.
+        subjects.insert(2, ("outrigger-base", "base"))
     if args.only:
         subjects = [s for s in subjects if s[0] in args.only.split(",")]
     for name, start in subjects:
@@ -456,6 +460,8 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             p = Mesh(tmp, proxy_core, mtls=True)
         elif isinstance(start, str) and start.startswith("trace-"):
             p = proxy_outrigger(tmp, proxy_core, sampling=start[len("trace-"):])
+        elif start == "base":
+            p = proxy_outrigger(tmp, proxy_core, exe=args.base_bin)
         elif start == "2w":
             p = proxy_outrigger(tmp, proxy_core + "," + load_core, threads="2")
         elif start in ("quota", "quota-2w"):
@@ -478,7 +484,7 @@ def run_round(args, tmp, proxy_core, load_core, rnd):
             # warm-up: pools, caches
             sh(["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d1s", url])
             row["http1"] = measure_load(name, ["taskset", "-c", load_core, "wrk", "-t1", "-c32", "-d" + d + "s", url], p.pids)
-            if name in ("outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls", "outrigger-2w", "outrigger-quota", "outrigger-quota-2w"):
+            if name in ("outrigger", "outrigger-base", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls", "outrigger-2w", "outrigger-quota", "outrigger-quota-2w"):
                 h2port = H2_PORT if name in ("nginx", "haproxy") else PROXY_PORT
                 row["http2"] = measure_load(name, ["taskset", "-c", load_core, "h2load", "-c16", "-m10", "-D", d, "http://127.0.0.1:%d/" % h2port], p.pids)
             if name == "outrigger-mesh-mtls":
@@ -542,7 +548,7 @@ def write_chart(size):
 def markdown(res, meta):
     lines = ["| proxy | HTTP/1.1 req/s | CPU µs/req | HTTP/2 req/s | h2 CPU µs/req | RSS idle MiB | RSS load MiB | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("direct", "outrigger", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls", "outrigger-policies"):
+    for name in ("direct", "outrigger", "outrigger-base", "nginx", "haproxy", "outrigger-mesh", "outrigger-mesh-mtls", "outrigger-policies"):
         if name not in res:
             continue
         r = res[name]
@@ -636,8 +642,9 @@ def main():
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rate", type=int, default=2000, help="open-loop request rate")
     ap.add_argument("--sidecar-rate", type=int, default=1000, help="request rate the sizing line is for")
-    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies,outrigger-trace-100,outrigger-trace-1,outrigger-2w,outrigger-quota,outrigger-quota-2w)")
+    ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies,outrigger-trace-100,outrigger-trace-1,outrigger-2w,outrigger-quota,outrigger-quota-2w; outrigger-base with --base-bin)")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--base-bin", help="another outrigger binary, measured as the row outrigger-base (before/after a change)")
     args = ap.parse_args()
     ensure_tools()
     if not args.no_build:

@@ -23,3 +23,4 @@ pub mod snapshot;
 pub mod tap_cli;
 pub mod telemetry;
 pub mod tls;
+pub mod wheel;

@@ -10,10 +10,12 @@
 //! for gRPC with `grpc-status: 4` (DEADLINE_EXCEEDED).
 
 use crate::error::{ProxyError, TimeoutKind};
+use crate::wheel::{Deadline, Wheel};
 use http::{HeaderMap, HeaderValue, Request};
 use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +32,9 @@ pub struct TimeoutLayer {
     tells: bool,
     kind: TimeoutKind,
     fired: Option<IntCounter>,
+    /// The runtime's deadline wheel, found at the first request (a layer
+    /// may be built before the runtime runs).
+    wheel: Arc<OnceLock<Option<Arc<Wheel>>>>,
 }
 
 impl TimeoutLayer {
@@ -44,6 +49,7 @@ impl TimeoutLayer {
             tells: true,
             kind,
             fired: Some(fired),
+            wheel: Arc::new(Wheel::current().map_or_else(OnceLock::new, |w| Some(w).into())),
         }
     }
 
@@ -63,6 +69,32 @@ impl TimeoutLayer {
         let mut inner = TimeoutLayer::new(per_try, TimeoutKind::PerTry, name);
         inner.tells = false;
         (outer, inner)
+    }
+}
+
+impl TimeoutLayer {
+    fn timer(&self, after: Duration) -> Timer {
+        match self.wheel.get_or_init(Wheel::current) {
+            Some(wheel) => Timer::Wheel(wheel.deadline(after)),
+            None => Timer::Tokio(Box::pin(tokio::time::sleep(after))),
+        }
+    }
+}
+
+/// A deadline on the runtime's coarse wheel (src/wheel.rs), or a tokio
+/// timer where there is no wheel (a layer used outside a runtime's
+/// context, which the proxy never does).
+enum Timer {
+    Wheel(Deadline),
+    Tokio(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl Timer {
+    fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Timer::Wheel(d) => d.poll_elapsed(cx),
+            Timer::Tokio(s) => s.as_mut().poll(cx),
+        }
     }
 }
 
@@ -158,7 +190,7 @@ where
             let after = self.layer.after;
             return TimeoutFuture {
                 inner: self.inner.call(req),
-                sleep: after.map(tokio::time::sleep),
+                timer: after.map(|a| self.layer.timer(a)),
                 after: after.unwrap_or_default(),
                 kind: self.layer.kind,
                 fired: self.layer.fired.clone(),
@@ -190,7 +222,7 @@ where
         }
         TimeoutFuture {
             inner: self.inner.call(req),
-            sleep: after.map(tokio::time::sleep),
+            timer: after.map(|a| self.layer.timer(a)),
             after: after.unwrap_or_default(),
             kind: self.layer.kind,
             fired: self.layer.fired.clone(),
@@ -203,11 +235,7 @@ pin_project_lite::pin_project! {
     pub struct TimeoutFuture<F> {
         #[pin]
         inner: F,
-        // Inline, not boxed: a box costs an allocation and a free on every
-        // request that has a timeout, more than the bytes moved for those
-        // that have none.
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
+        timer: Option<Timer>,
         after: Duration,
         kind: TimeoutKind,
         fired: Option<IntCounter>,
@@ -225,8 +253,8 @@ where
         if let Poll::Ready(r) = this.inner.poll(cx) {
             return Poll::Ready(r);
         }
-        if let Some(sleep) = this.sleep.as_pin_mut()
-            && sleep.poll(cx).is_ready()
+        if let Some(timer) = this.timer
+            && timer.poll_elapsed(cx).is_ready()
         {
             if let Some(c) = this.fired {
                 c.inc();

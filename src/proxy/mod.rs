@@ -8,6 +8,7 @@ pub mod framing;
 pub mod headers;
 mod streams;
 mod tunnel;
+mod woken;
 
 use crate::config::{Config, Listener, Role, TlsMode};
 use crate::policy::authz::PeerIdentity;
@@ -762,7 +763,7 @@ async fn serve_http<I>(
     let mut drain = info.drain.clone();
     // Ask the connection to close when the proxy drains, or when a whole idle
     // period passed without a new request (one timer per connection, none per request).
-    let close_when = async {
+    let close_when = woken::WhenWoken::new(async {
         let idle = async {
             let mut last = 0;
             loop {
@@ -778,7 +779,7 @@ async fn serve_http<I>(
             _ = drain.wait_for(|d| *d) => {}
             _ = idle => tracing::debug!(listener = %info.name, %peer, "closing idle connection"),
         }
-    };
+    });
     let result = tokio::select! {
         r = streams.drive(conn.as_mut()) => r,
         _ = close_when => {
