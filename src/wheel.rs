@@ -24,9 +24,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Slots of one millisecond: deadlines further out share a slot with
-/// nearer ones and are kept when it is swept.
-const SLOTS: usize = 1024;
+/// Slots of one millisecond. Only deadlines less than [`WINDOW`] away are
+/// kept here, so every entry is in the wheel's current turn and the first
+/// slot in use after now is the earliest deadline: the driver never wakes
+/// for an entry that is not due. (Farther ones, long requests' timeouts,
+/// take a tokio timer: see `policy::timeout`.)
+const SLOTS: usize = 16_384;
+pub const WINDOW: Duration = Duration::from_millis(SLOTS as u64 - 1_000);
 const NONE: usize = usize::MAX;
 
 pub struct Wheel {
@@ -165,12 +169,16 @@ impl Wheel {
         Some((key, id))
     }
 
-    fn set_waker(&self, key: usize, id: u64, waker: &Waker) {
+    /// False when the entry is gone: the sweep fired it (only a sweep or
+    /// the deadline's own drop removes one), possibly waking the old task.
+    fn set_waker(&self, key: usize, id: u64, waker: &Waker) -> bool {
         let mut s = self.state.lock();
-        if let Some(e) = s.entries.get_mut(key)
-            && e.id == id
-        {
-            e.waker = waker.clone();
+        match s.entries.get_mut(key) {
+            Some(e) if e.id == id => {
+                e.waker = waker.clone();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -241,19 +249,31 @@ impl State {
         Some(e)
     }
 
-    /// The first tick after `now` whose slot has entries (they may be due
-    /// only rounds later: then the driver wakes, fires nothing, sleeps on).
+    /// The first tick after `now` whose slot has entries: the earliest
+    /// deadline, as every entry is less than a turn away.
     fn next_used(&self, now: u64) -> Option<u64> {
         if self.entries.is_empty() {
             return None;
         }
         let start = ((now + 1) % SLOTS as u64) as usize;
-        (0..SLOTS)
-            .find(|i| {
-                let slot = (start + i) % SLOTS;
-                self.used[slot / 64] & (1 << (slot % 64)) != 0
-            })
-            .map(|i| now + 1 + i as u64)
+        let words = SLOTS / 64;
+        // The start word from the start bit, every other word, then the
+        // start word's bits before the start bit.
+        for i in 0..=words {
+            let w = (start / 64 + i) % words;
+            let mut bits = self.used[w];
+            if i == 0 {
+                bits &= u64::MAX << (start % 64);
+            } else if i == words {
+                bits &= !(u64::MAX << (start % 64));
+            }
+            if bits != 0 {
+                let slot = w * 64 + bits.trailing_zeros() as usize;
+                let ahead = (slot + SLOTS - start) % SLOTS;
+                return Some(now + 1 + ahead as u64);
+            }
+        }
+        None
     }
 }
 
@@ -328,7 +348,9 @@ impl Deadline {
                 None => return Poll::Ready(()),
             },
             Some(w) if !w.will_wake(cx.waker()) => {
-                self.wheel.set_waker(self.key, self.id, cx.waker());
+                if !self.wheel.set_waker(self.key, self.id, cx.waker()) {
+                    return Poll::Ready(());
+                }
                 self.waker = Some(cx.waker().clone());
             }
             Some(_) => {}
@@ -368,7 +390,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_nearest_of_many_fires_first_and_dropped_ones_never() {
         let wheel = Wheel::current().unwrap();
-        let mut far = wheel.deadline(Duration::from_secs(5));
+        let mut far = wheel.deadline(Duration::from_secs(14));
         let mut near = wheel.deadline(Duration::from_millis(30));
         // Registered (polled once), then dropped: must not fire or linger.
         let mut dropped = wheel.deadline(Duration::from_millis(10));
@@ -381,9 +403,8 @@ mod tests {
             _ = elapsed(&mut near) => {}
         }
         assert!(start.elapsed() >= Duration::from_millis(30));
-        // Beyond a whole turn of the wheel (1,024 ms): kept over the turns.
         elapsed(&mut far).await;
-        assert!(start.elapsed() >= Duration::from_millis(4_970));
+        assert!(start.elapsed() >= Duration::from_millis(13_970));
         assert!(wheel.state.lock().entries.is_empty());
     }
 
@@ -400,9 +421,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_nearer_deadline_wakes_a_driver_asleep_for_a_later_one() {
         let wheel = Wheel::current().unwrap();
-        let mut late = wheel.deadline(Duration::from_secs(60));
+        let mut late = wheel.deadline(Duration::from_secs(15));
         assert!(futures_util::poll!(poll_fn(|cx| late.poll_elapsed(cx))).is_pending());
-        // Let the driver go to sleep for the 60 s one.
+        // Let the driver go to sleep for the 15 s one.
         tokio::task::yield_now().await;
         let start = Instant::now();
         let mut soon = wheel.deadline(Duration::from_millis(100));
@@ -431,6 +452,46 @@ mod tests {
             elapsed(&mut d).await;
         }
         assert!(wheel.state.lock().entries.is_empty());
+    }
+
+    #[test]
+    fn the_next_slot_in_use_is_found_across_the_turn() {
+        let wheel = Wheel::new();
+        let waker = futures_util::task::noop_waker();
+        let mut s = wheel.state.lock();
+        assert_eq!(s.next_used(0), None);
+        drop(s);
+        // now = SLOTS - 10: a deadline 5 ms ahead and one 20 ms ahead (in
+        // the next turn's first slots, before the start bit's word).
+        let now = SLOTS as u64 - 10;
+        wheel.fired_through.store(now, Release);
+        assert!(wheel.register(now + 20, &waker).is_some());
+        s = wheel.state.lock();
+        assert_eq!(s.next_used(now), Some(now + 20));
+        drop(s);
+        assert!(wheel.register(now + 5, &waker).is_some());
+        s = wheel.state.lock();
+        assert_eq!(s.next_used(now), Some(now + 5));
+        // A slot in the start bit's own word, behind the start bit.
+        drop(s);
+        let mut w2 = Wheel::new();
+        w2.fired_through = AtomicU64::new(100);
+        assert!(w2.register(100 + SLOTS as u64 - 1, &waker).is_some());
+        assert_eq!(w2.state.lock().next_used(100), Some(100 + SLOTS as u64 - 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_fired_while_changing_tasks_is_not_lost() {
+        let wheel = Wheel::current().unwrap();
+        let mut d = wheel.deadline(Duration::from_millis(10));
+        assert!(futures_util::poll!(poll_fn(|cx| d.poll_elapsed(cx))).is_pending());
+        // The sweep fires the entry, then the deadline is polled by another
+        // task before it sees `fired_through` (as a stale read would).
+        let (key, id) = (d.key, d.id);
+        wheel.cancel(key, id);
+        let other = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&other);
+        assert!(d.poll_elapsed(&mut cx).is_ready());
     }
 
     #[test]

@@ -364,3 +364,43 @@ async fn http2_streams_share_one_worker_and_one_connection() {
         );
     }
 }
+
+/// hyper ends an HTTP/2 connection's future on some requests it refuses
+/// (a CONNECT with a body length) without closing the h2 connection; with
+/// one worker the connection's other streams run on its task, and must
+/// learn that it is gone (the connection is dropped) instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_an_http2_connection_hyper_gave_up_on_do_not_hang() {
+    let up = Upstream::start("app").await;
+    let p = ProxyProc::start_with(&config("http1", &up), &["--threads", "1"]);
+    let tcp = tokio::net::TcpStream::connect(p.addr("out")).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    // A response that never ends.
+    let req = http::Request::get("http://app.svc/stall").body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).expect("stream 1");
+    let resp = tokio::time::timeout(READY_TIMEOUT, resp)
+        .await
+        .expect("stall answered")
+        .expect("stall response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.data().await.expect("a first chunk").expect("data");
+    assert_eq!(&first[..], b"first");
+    let connect = http::Request::builder()
+        .method("CONNECT")
+        .uri("app.svc:80")
+        .header("content-length", "5")
+        .body(())
+        .unwrap();
+    let _connect = client.send_request(connect, false);
+    let ended = tokio::time::timeout(READY_TIMEOUT, async {
+        while let Some(chunk) = body.data().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a stream hung after its connection ended");
+}

@@ -73,17 +73,20 @@ impl TimeoutLayer {
 }
 
 impl TimeoutLayer {
+    /// A wheel deadline for the usual timeouts; a tokio timer for one
+    /// beyond the wheel's window (a long request's, where its cost is
+    /// nothing next to the request's life).
     fn timer(&self, after: Duration) -> Timer {
         match self.wheel.get_or_init(Wheel::current) {
-            Some(wheel) => Timer::Wheel(wheel.deadline(after)),
-            None => Timer::Tokio(Box::pin(tokio::time::sleep(after))),
+            Some(wheel) if after < crate::wheel::WINDOW => Timer::Wheel(wheel.deadline(after)),
+            _ => Timer::Tokio(Box::pin(tokio::time::sleep(after))),
         }
     }
 }
 
 /// A deadline on the runtime's coarse wheel (src/wheel.rs), or a tokio
-/// timer where there is no wheel (a layer used outside a runtime's
-/// context, which the proxy never does).
+/// timer beyond its window or where there is no wheel (a layer used
+/// outside a runtime's context, which the proxy never does).
 enum Timer {
     Wheel(Deadline),
     Tokio(Pin<Box<tokio::time::Sleep>>),

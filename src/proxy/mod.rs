@@ -756,8 +756,11 @@ async fn serve_http<I>(
         .service(Forward {
             conn: conn_info.clone(),
         });
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(stack));
+    // An Option: `Streams::drive` drops the connection as soon as it ends.
+    let conn = Some(
+        builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(stack)),
+    );
     tokio::pin!(conn);
     let mut streams = Streams::for_this_runtime();
     let mut drain = info.drain.clone();
@@ -783,7 +786,9 @@ async fn serve_http<I>(
     let result = tokio::select! {
         r = streams.drive(conn.as_mut()) => r,
         _ = close_when => {
-            conn.as_mut().graceful_shutdown();
+            if let Some(c) = conn.as_mut().as_pin_mut() {
+                c.graceful_shutdown();
+            }
             streams.drive(conn.as_mut()).await
         }
     };

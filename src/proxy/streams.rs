@@ -7,8 +7,11 @@
 //! polled on this thread instead, and [`Streams::drive`] polls the
 //! connection and its streams together. With more than one worker, streams
 //! are spawned as before, so that one busy HTTP/2 connection (another
-//! sidecar's pooled one) is still served by every worker.
+//! sidecar's pooled one) is still served by every worker. (The tasks of
+//! HTTP/2 CONNECT tunnels, which hyper starts from inside a stream's poll,
+//! are always spawned.) A panicking stream ends alone, as a task would.
 
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -46,6 +49,7 @@ where
             tokio::spawn(fut);
         } else {
             ADOPTING.set(Adopt::Handed);
+            let fut = std::panic::AssertUnwindSafe(fut).catch_unwind().map(|_| ());
             HANDED.with_borrow_mut(|handed| handed.push(Box::pin(fut)));
         }
     }
@@ -56,8 +60,7 @@ where
 pub struct Streams<O> {
     running: FuturesUnordered<StreamFuture>,
     adopt: bool,
-    /// Kept here, not in [`Drive`]: a dropped `Drive` must not lose it (an
-    /// ended connection must not be polled again).
+    /// Kept here, not in [`Drive`]: a dropped `Drive` must not lose it.
     ended: Option<O>,
 }
 
@@ -79,12 +82,14 @@ impl<O> Streams<O> {
     }
 
     /// Polls `conn` and the streams it handed over until the connection has
-    /// ended and every stream has finished. Dropping the returned future
+    /// ended and every stream has finished. The connection is dropped
+    /// (`conn` set to `None`) as soon as it ends: that is how h2 tells the
+    /// streams still running that it is gone. Dropping the returned future
     /// (a `select!` that went the other way) leaves the streams running here,
     /// to be driven again.
-    pub fn drive<'a, C>(&'a mut self, conn: Pin<&'a mut C>) -> Drive<'a, C>
+    pub fn drive<'a, C>(&'a mut self, conn: Pin<&'a mut Option<C>>) -> Drive<'a, C>
     where
-        C: Future<Output = O> + ?Sized,
+        C: Future<Output = O>,
     {
         Drive {
             streams: self,
@@ -93,9 +98,9 @@ impl<O> Streams<O> {
     }
 }
 
-pub struct Drive<'a, C: Future + ?Sized> {
+pub struct Drive<'a, C: Future> {
     streams: &'a mut Streams<C::Output>,
-    conn: Pin<&'a mut C>,
+    conn: Pin<&'a mut Option<C>>,
 }
 
 /// Ends the adoption even if the connection's poll panics, so that later
@@ -117,13 +122,15 @@ impl Adopting {
 
 impl Drop for Adopting {
     fn drop(&mut self) {
-        ADOPTING.set(Adopt::Off);
+        if ADOPTING.replace(Adopt::Off) == Adopt::Handed && std::thread::panicking() {
+            HANDED.with_borrow_mut(Vec::clear);
+        }
     }
 }
 
 impl<C> Future for Drive<'_, C>
 where
-    C: Future + ?Sized,
+    C: Future,
 {
     type Output = C::Output;
 
@@ -137,18 +144,19 @@ where
             if !streams.running.is_empty() {
                 while let Poll::Ready(Some(())) = streams.running.poll_next_unpin(cx) {}
             }
-            if streams.ended.is_some() {
+            let Some(conn) = this.conn.as_mut().as_pin_mut() else {
                 break;
-            }
+            };
             let (polled, handed) = if streams.adopt {
                 let adopting = Adopting::start();
-                let polled = this.conn.as_mut().poll(cx);
+                let polled = conn.poll(cx);
                 (polled, adopting.handed())
             } else {
-                (this.conn.as_mut().poll(cx), false)
+                (conn.poll(cx), false)
             };
             if let Poll::Ready(out) = polled {
                 streams.ended = Some(out);
+                this.conn.set(None);
             }
             if !handed {
                 break;
@@ -206,6 +214,7 @@ mod tests {
     async fn adopted_streams_run_on_the_connection_and_outlive_its_end() {
         let done = Arc::new(AtomicUsize::new(0));
         let (conn, senders) = conn_with_streams(3, done.clone());
+        let conn = Some(conn);
         tokio::pin!(conn);
         let mut streams = Streams::new(true);
         let drive = streams.drive(conn.as_mut());
@@ -224,6 +233,7 @@ mod tests {
     async fn without_adoption_streams_are_spawned() {
         let done = Arc::new(AtomicUsize::new(0));
         let (conn, senders) = conn_with_streams(2, done.clone());
+        let conn = Some(conn);
         tokio::pin!(conn);
         let mut streams = Streams::new(false);
         // Ends with the connection: the streams are tasks of their own.
@@ -241,6 +251,7 @@ mod tests {
     async fn a_dropped_drive_keeps_its_streams() {
         let done = Arc::new(AtomicUsize::new(0));
         let (conn, senders) = conn_with_streams(1, done.clone());
+        let conn = Some(conn);
         tokio::pin!(conn);
         let mut streams = Streams::new(true);
         {
@@ -260,9 +271,68 @@ mod tests {
     fn a_panicking_connection_leaves_no_list_behind() {
         let r = std::panic::catch_unwind(|| {
             let _adopting = Adopting::start();
+            StreamExec.execute(async {});
             panic!("connection poll panicked");
         });
         assert!(r.is_err());
         assert_eq!(ADOPTING.get(), Adopt::Off);
+        assert!(HANDED.with_borrow(Vec::is_empty));
+    }
+
+    /// h2 tells running streams that their connection is gone when the
+    /// connection is dropped: it must not wait for the streams to end.
+    #[tokio::test]
+    async fn an_ended_connection_is_dropped_while_its_streams_run() {
+        struct Dropped(Arc<AtomicUsize>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let (inner, senders) = conn_with_streams(1, done.clone());
+        let guard = Dropped(dropped.clone());
+        let conn = Some(async move {
+            let _guard = guard;
+            inner.await
+        });
+        tokio::pin!(conn);
+        let mut streams = Streams::new(true);
+        let drive = streams.drive(conn.as_mut());
+        tokio::pin!(drive);
+        assert!(futures_util::poll!(drive.as_mut()).is_pending());
+        assert_eq!(
+            dropped.load(SeqCst),
+            1,
+            "the ended connection is still held"
+        );
+        for tx in senders {
+            let _ = tx.send(());
+        }
+        drive.await;
+        assert_eq!(done.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_stream_ends_alone() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = oneshot::channel::<()>();
+        let counted = done.clone();
+        let conn = Some(async move {
+            StreamExec.execute(async { panic!("a stream panicked") });
+            StreamExec.execute(async move {
+                let _ = rx.await;
+                counted.fetch_add(1, SeqCst);
+            });
+        });
+        tokio::pin!(conn);
+        let mut streams = Streams::new(true);
+        let drive = streams.drive(conn.as_mut());
+        tokio::pin!(drive);
+        assert!(futures_util::poll!(drive.as_mut()).is_pending());
+        let _ = tx.send(());
+        drive.await;
+        assert_eq!(done.load(SeqCst), 1);
     }
 }
