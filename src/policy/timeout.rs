@@ -49,7 +49,12 @@ impl TimeoutLayer {
             tells: true,
             kind,
             fired: Some(fired),
-            wheel: Arc::new(Wheel::current().map_or_else(OnceLock::new, |w| Some(w).into())),
+            // Made now for a configured timeout; for one that only a
+            // request can bring (`grpc-timeout`), at the first such request.
+            wheel: Arc::new(match after.and_then(|_| Wheel::current()) {
+                Some(w) => Some(w).into(),
+                None => OnceLock::new(),
+            }),
         }
     }
 
