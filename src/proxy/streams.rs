@@ -185,12 +185,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use tokio::sync::oneshot;
 
-    /// A "connection" that hands `n` streams to the executor on its first
-    /// poll and ends at once; each stream waits for its own signal.
+    /// A "connection" (in the `Option` `Streams::drive` takes) that hands
+    /// `n` streams to the executor on its first poll and ends at once; each
+    /// stream waits for its own signal, then counts itself done.
     fn conn_with_streams(
         n: usize,
         done: Arc<AtomicUsize>,
-    ) -> (impl Future<Output = ()>, Vec<oneshot::Sender<()>>) {
+    ) -> (Option<impl Future<Output = ()>>, Vec<oneshot::Sender<()>>) {
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..n {
@@ -207,14 +208,19 @@ mod tests {
                 });
             }
         };
-        (conn, senders)
+        (Some(conn), senders)
+    }
+
+    fn release(senders: Vec<oneshot::Sender<()>>) {
+        for tx in senders {
+            let _ = tx.send(());
+        }
     }
 
     #[tokio::test]
     async fn adopted_streams_run_on_the_connection_and_outlive_its_end() {
         let done = Arc::new(AtomicUsize::new(0));
         let (conn, senders) = conn_with_streams(3, done.clone());
-        let conn = Some(conn);
         tokio::pin!(conn);
         let mut streams = Streams::new(true);
         let drive = streams.drive(conn.as_mut());
@@ -222,9 +228,7 @@ mod tests {
         // The connection ended on the first poll; its streams have not.
         assert!(futures_util::poll!(drive.as_mut()).is_pending());
         assert_eq!(done.load(SeqCst), 0);
-        for tx in senders {
-            let _ = tx.send(());
-        }
+        release(senders);
         drive.await;
         assert_eq!(done.load(SeqCst), 3);
     }
@@ -233,15 +237,12 @@ mod tests {
     async fn without_adoption_streams_are_spawned() {
         let done = Arc::new(AtomicUsize::new(0));
         let (conn, senders) = conn_with_streams(2, done.clone());
-        let conn = Some(conn);
         tokio::pin!(conn);
         let mut streams = Streams::new(false);
         // Ends with the connection: the streams are tasks of their own.
         streams.drive(conn.as_mut()).await;
         assert!(streams.running.is_empty());
-        for tx in senders {
-            let _ = tx.send(());
-        }
+        release(senders);
         while done.load(SeqCst) < 2 {
             tokio::task::yield_now().await;
         }
@@ -251,7 +252,6 @@ mod tests {
     async fn a_dropped_drive_keeps_its_streams() {
         let done = Arc::new(AtomicUsize::new(0));
         let (conn, senders) = conn_with_streams(1, done.clone());
-        let conn = Some(conn);
         tokio::pin!(conn);
         let mut streams = Streams::new(true);
         {
@@ -260,9 +260,7 @@ mod tests {
             assert!(futures_util::poll!(drive.as_mut()).is_pending());
         }
         assert_eq!(streams.running.len(), 1);
-        for tx in senders {
-            let _ = tx.send(());
-        }
+        release(senders);
         streams.drive(conn.as_mut()).await;
         assert_eq!(done.load(SeqCst), 1);
     }
@@ -293,7 +291,7 @@ mod tests {
         let done = Arc::new(AtomicUsize::new(0));
         let (inner, senders) = conn_with_streams(1, done.clone());
         let guard = Dropped(dropped.clone());
-        let conn = Some(async move {
+        let conn = inner.map(|inner| async move {
             let _guard = guard;
             inner.await
         });
@@ -307,9 +305,7 @@ mod tests {
             1,
             "the ended connection is still held"
         );
-        for tx in senders {
-            let _ = tx.send(());
-        }
+        release(senders);
         drive.await;
         assert_eq!(done.load(SeqCst), 1);
     }
