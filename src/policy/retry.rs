@@ -12,21 +12,24 @@
 //! - The response (or error) says how many attempts it took:
 //!   `x-outrigger-attempts`.
 
-use super::PolicyFuture;
-use super::circuit_breaker::Limits;
+use super::BoxFuture;
+use super::circuit_breaker::{Limits, Permit};
 use crate::balance::Tried;
 use crate::body::{self, Buffered, ReqBody};
 use crate::config::{self, RetryOn};
 use crate::context::Trail;
 use crate::error::{ATTEMPTS, Limit, ProxyError, TimeoutKind, UpstreamError};
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response};
+use http_body::Body;
 use parking_lot::Mutex;
 use prometheus::IntCounter;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 /// Token bucket of retries: each request deposits `percent`/100, each retry
 /// takes 1, time adds `min_per_second`. The balance is capped so that a
@@ -201,33 +204,308 @@ pub struct Retry<S> {
     limits: Arc<Limits>,
 }
 
-type Resp<B> = Response<B>;
-
 impl<S, RB> tower::Service<Request<ReqBody>> for Retry<S>
 where
-    S: tower::Service<Request<ReqBody>, Response = Resp<RB>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    RB: Send + 'static,
+    S: tower::Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError> + Clone,
 {
-    type Response = Resp<RB>;
+    type Response = Response<RB>;
     type Error = ProxyError;
-    type Future = PolicyFuture<S::Future, Result<Resp<RB>, ProxyError>>;
+    type Future = RetryFuture<S, RB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let Some(policy) = self.policy.clone() else {
-            return PolicyFuture::direct(self.inner.call(req));
+        let Some(policy) = &self.policy else {
+            return RetryFuture::once(self.inner.call(req), None);
         };
         policy.budget.deposit();
-        let inner = self.inner.clone();
-        let limits = self.limits.clone();
-        PolicyFuture::boxed(retry_loop(policy, limits, inner, req))
+        let replayable = policy.allows_method(req.method())
+            && policy.cfg.attempts > 1
+            && !req.headers().contains_key(http::header::UPGRADE);
+        if !replayable {
+            return RetryFuture::once(self.inner.call(req), Some(1));
+        }
+        // The head is copied once, for the attempts after the first; the
+        // first goes out as it came, extensions and all.
+        let mut replay = Box::new(Replay {
+            inner: self.inner.clone(),
+            policy: policy.clone(),
+            limits: self.limits.clone(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            trail: req.extensions().get::<Arc<Trail>>().cloned(),
+            extensions: None,
+            data: Bytes::new(),
+            trailers: None,
+            tried: None,
+            attempt: 1,
+            once: None,
+        });
+        if req.body().is_end_stream() {
+            // No body to keep (the usual GET): the first attempt needs no
+            // wait, and `self.inner` was made ready by the caller.
+            return RetryFuture {
+                phase: Phase::Attempt {
+                    fut: self.inner.call(req),
+                    picked: None,
+                },
+                replay: Some(replay),
+                _body: std::marker::PhantomData,
+            };
+        }
+        let (parts, body) = req.into_parts();
+        replay.extensions = Some(parts.extensions);
+        RetryFuture {
+            phase: Phase::Buffering {
+                fut: Box::pin(body::buffer(body, policy.cfg.max_body_bytes)),
+            },
+            replay: Some(replay),
+            _body: std::marker::PhantomData,
+        }
+    }
+}
+
+/// What a replayable request needs for its next attempt; boxed, so that a
+/// route without retries (whose future is only `Phase::Once`) carries no
+/// room for it.
+struct Replay<S> {
+    /// Ready-polled before each attempt after the first.
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    limits: Arc<Limits>,
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    trail: Option<Arc<Trail>>,
+    /// The original extensions, for the first attempt when it is built
+    /// here (after its body was read).
+    extensions: Option<http::Extensions>,
+    data: Bytes,
+    trailers: Option<Box<http::HeaderMap>>,
+    /// Which endpoints earlier attempts went to, made at the first retry
+    /// (the common, first-try-answers request allocates nothing for it).
+    tried: Option<Tried>,
+    attempt: u32,
+    /// A body too large to keep: its request, sent once, whole.
+    once: Option<Request<ReqBody>>,
+}
+
+impl<S> Replay<S> {
+    fn next_request(&mut self) -> Request<ReqBody> {
+        let mut req = Request::new(ReqBody::Replay {
+            data: Some(self.data.clone()),
+            trailers: self.trailers.clone(),
+        });
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        if let Some(e) = self.extensions.take() {
+            *req.extensions_mut() = e;
+            return req;
+        }
+        if let Some(t) = &self.tried {
+            req.extensions_mut().insert(t.clone());
+        }
+        if let Some(t) = &self.trail {
+            req.extensions_mut().insert(t.clone());
+        }
+        req
+    }
+}
+
+type BufferFuture = BoxFuture<Result<Buffered, body::BoxError>>;
+
+pin_project_lite::pin_project! {
+    #[project = PhaseProj]
+    enum Phase<F> {
+        /// The only attempt: no retries, or a request that cannot be
+        /// replayed. `attempts` is told in the response where retries are on.
+        Once { #[pin] fut: F, attempts: Option<u32> },
+        /// Reading the body into memory before the first attempt.
+        Buffering { fut: BufferFuture },
+        /// Waiting for the service to be ready for the next attempt.
+        Ready,
+        /// An attempt in flight, and the endpoint the balancer picked for it
+        /// (learnt in its first poll; see `balance::take_pick`).
+        Attempt { #[pin] fut: F, picked: Option<std::net::SocketAddr> },
+        /// Waiting before the next attempt, with a retry permit held.
+        Backoff { sleep: Pin<Box<tokio::time::Sleep>>, permit: Option<Permit> },
+        Done,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The retry layer's future, written out by hand: a route with retries
+    /// pays one allocation (the replay state) and no moves of an async
+    /// block's state between attempts.
+    pub struct RetryFuture<S: tower::Service<Request<ReqBody>>, RB> {
+        #[pin]
+        phase: Phase<S::Future>,
+        replay: Option<Box<Replay<S>>>,
+        _body: std::marker::PhantomData<fn() -> RB>,
+    }
+}
+
+impl<S, RB> RetryFuture<S, RB>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError>,
+{
+    fn once(fut: S::Future, attempts: Option<u32>) -> Self {
+        RetryFuture {
+            phase: Phase::Once { fut, attempts },
+            replay: None,
+            _body: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S, RB> Future for RetryFuture<S, RB>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError>,
+{
+    type Output = Result<Response<RB>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let Some(replay) = this.replay.as_deref_mut() else {
+                // No replay state: only `Once` (or `Done`) is reachable.
+                return match this.phase.as_mut().project() {
+                    PhaseProj::Once { fut, attempts } => {
+                        let attempts = *attempts;
+                        let r = ready!(fut.poll(cx));
+                        this.phase.set(Phase::Done);
+                        Poll::Ready(match attempts {
+                            Some(n) => with_attempts(r, n),
+                            None => r,
+                        })
+                    }
+                    _ => Poll::Pending,
+                };
+            };
+            match this.phase.as_mut().project() {
+                PhaseProj::Once { fut, .. } => {
+                    let r = ready!(fut.poll(cx));
+                    this.phase.set(Phase::Done);
+                    return Poll::Ready(with_attempts(r, 1));
+                }
+                PhaseProj::Buffering { fut } => {
+                    match ready!(fut.as_mut().poll(cx)) {
+                        Ok(Buffered::Whole { data, trailers }) => {
+                            replay.data = data;
+                            replay.trailers = trailers;
+                        }
+                        Ok(Buffered::TooLarge(body)) => {
+                            // Too large to keep: sent once, whole.
+                            let mut req = Request::new(body);
+                            *req.method_mut() = replay.method.clone();
+                            *req.uri_mut() = std::mem::take(&mut replay.uri);
+                            *req.version_mut() = replay.version;
+                            *req.headers_mut() = std::mem::take(&mut replay.headers);
+                            *req.extensions_mut() = replay.extensions.take().unwrap_or_default();
+                            replay.once = Some(req);
+                        }
+                        Err(e) => {
+                            this.phase.set(Phase::Done);
+                            return Poll::Ready(Err(ProxyError::ClientBody(e)));
+                        }
+                    }
+                    this.phase.set(Phase::Ready);
+                }
+                PhaseProj::Ready => {
+                    if let Err(e) = ready!(replay.inner.poll_ready(cx)) {
+                        this.phase.set(Phase::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                    if let Some(req) = replay.once.take() {
+                        let fut = replay.inner.call(req);
+                        this.phase.set(Phase::Once {
+                            fut,
+                            attempts: Some(1),
+                        });
+                    } else {
+                        let req = replay.next_request();
+                        let fut = replay.inner.call(req);
+                        this.phase.set(Phase::Attempt { fut, picked: None });
+                    }
+                }
+                PhaseProj::Attempt { fut, picked } => {
+                    if picked.is_none() {
+                        crate::balance::take_pick();
+                    }
+                    let r = fut.poll(cx);
+                    if picked.is_none() {
+                        *picked = crate::balance::take_pick();
+                    }
+                    let r = ready!(r);
+                    let picked = *picked;
+                    match replay.after(r, picked) {
+                        Ok(done) => {
+                            this.phase.set(Phase::Done);
+                            return Poll::Ready(done);
+                        }
+                        Err(permit) => {
+                            let wait = replay.policy.backoff(replay.attempt);
+                            this.phase.set(Phase::Backoff {
+                                sleep: Box::pin(tokio::time::sleep(wait)),
+                                permit,
+                            });
+                        }
+                    }
+                }
+                PhaseProj::Backoff { sleep, .. } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    replay.attempt += 1;
+                    // Drops the retry permit: it bounds retries waiting.
+                    this.phase.set(Phase::Ready);
+                }
+                PhaseProj::Done => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S> Replay<S> {
+    /// After an attempt: the answer to return (`Ok`), or a retry to make
+    /// after a backoff, with the permit it holds meanwhile (`Err`).
+    #[allow(clippy::type_complexity)]
+    fn after<RB>(
+        &mut self,
+        r: Result<Response<RB>, ProxyError>,
+        picked: Option<std::net::SocketAddr>,
+    ) -> Result<Result<Response<RB>, ProxyError>, Option<Permit>> {
+        let attempt = self.attempt;
+        let Some(reason) = self.policy.retry_reason(&r) else {
+            return Ok(with_attempts(r, attempt));
+        };
+        if attempt >= self.policy.cfg.attempts {
+            return Ok(with_attempts(r, attempt));
+        }
+        let Some(permit) = self.limits.try_acquire(Limit::Retries) else {
+            return Ok(with_attempts(r, attempt));
+        };
+        if !self.policy.budget.withdraw() {
+            self.policy.exhausted.inc();
+            return Ok(with_attempts(r, attempt));
+        }
+        crate::telemetry::metrics()
+            .retries
+            .with_label_values(&[&self.policy.route, reason])
+            .inc();
+        if self.tried.is_none() {
+            let t = Tried::default();
+            t.0.lock().extend(picked);
+            self.tried = Some(t);
+        }
+        // The failed attempt's body (if any) is dropped here, before the wait.
+        drop(r);
+        Err(Some(permit))
     }
 }
 
@@ -254,114 +532,11 @@ fn with_attempts<B>(
     }
 }
 
-/// Runs one attempt and names the endpoint the balancer picked for it, also
-/// when a per-try timeout dropped it before any answer (the pick happens
-/// inside this attempt's poll; see `balance::take_pick`).
-async fn with_pick<F: std::future::Future>(f: F) -> (F::Output, Option<std::net::SocketAddr>) {
-    let mut f = std::pin::pin!(f);
-    let mut picked = None;
-    let out = std::future::poll_fn(|cx| {
-        if picked.is_none() {
-            crate::balance::take_pick();
-        }
-        let r = f.as_mut().poll(cx);
-        if picked.is_none() {
-            picked = crate::balance::take_pick();
-        }
-        r
-    })
-    .await;
-    (out, picked)
-}
-
-async fn retry_loop<S, RB>(
-    policy: Arc<RetryPolicy>,
-    limits: Arc<Limits>,
-    mut inner: S,
-    req: Request<ReqBody>,
-) -> Result<Response<RB>, ProxyError>
-where
-    S: tower::Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError> + Clone,
-{
-    let (parts, body) = req.into_parts();
-    let replayable = policy.allows_method(&parts.method)
-        && policy.cfg.attempts > 1
-        && !parts.headers.contains_key(http::header::UPGRADE);
-    if !replayable {
-        let r = inner
-            .ready()
-            .await?
-            .call(Request::from_parts(parts, body))
-            .await;
-        return with_attempts(r, 1);
-    }
-    let (data, trailers) = match body::buffer(body, policy.cfg.max_body_bytes).await {
-        Ok(Buffered::Whole { data, trailers }) => (data, trailers),
-        Ok(Buffered::TooLarge(body)) => {
-            // Too large to keep: sent once, whole.
-            let r = inner
-                .ready()
-                .await?
-                .call(Request::from_parts(parts, body))
-                .await;
-            return with_attempts(r, 1);
-        }
-        Err(e) => return Err(ProxyError::ClientBody(e)),
-    };
-    // Which endpoints earlier attempts went to, made at the first retry
-    // (the common, first-try-answers request allocates nothing for it).
-    let mut tried: Option<Tried> = None;
-    let mut attempt = 1;
-    loop {
-        let mut req = Request::new(ReqBody::Replay {
-            data: Some(data.clone()),
-            trailers: trailers.clone(),
-        });
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
-        if let Some(t) = &tried {
-            req.extensions_mut().insert(t.clone());
-        }
-        if let Some(t) = parts.extensions.get::<Arc<Trail>>() {
-            req.extensions_mut().insert(t.clone());
-        }
-        let (r, picked) = with_pick(inner.ready().await?.call(req)).await;
-        let Some(reason) = policy.retry_reason(&r) else {
-            return with_attempts(r, attempt);
-        };
-        if attempt >= policy.cfg.attempts {
-            return with_attempts(r, attempt);
-        }
-        let Some(_permit) = limits.try_acquire(Limit::Retries) else {
-            return with_attempts(r, attempt);
-        };
-        if !policy.budget.withdraw() {
-            policy.exhausted.inc();
-            return with_attempts(r, attempt);
-        }
-        crate::telemetry::metrics()
-            .retries
-            .with_label_values(&[&policy.route, reason])
-            .inc();
-        if tried.is_none() {
-            let t = Tried::default();
-            t.0.lock().extend(picked);
-            tried = Some(t);
-        }
-        // The failed attempt's body (if any) is dropped here, before we wait.
-        drop(r);
-        tokio::time::sleep(policy.backoff(attempt)).await;
-        attempt += 1;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use tower::Service;
+    use tower::{Service, ServiceExt};
 
     fn cfg(attempts: u32, on: Vec<RetryOn>) -> config::Retry {
         config::Retry {
@@ -488,6 +663,72 @@ mod tests {
             "{total} attempts for {n} requests"
         );
         assert!(total > n, "some retries were allowed");
+    }
+
+    /// An upstream that records each attempt's body and whether it saw the
+    /// caller's own extension and a `Tried`, answering the statuses in turn.
+    #[allow(clippy::type_complexity)]
+    fn recording(
+        statuses: Vec<u16>,
+        seen: Arc<Mutex<Vec<(Bytes, bool, bool)>>>,
+    ) -> impl tower::Service<
+        Request<ReqBody>,
+        Response = Response<()>,
+        Error = ProxyError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |req: Request<ReqBody>| {
+            let seen = seen.clone();
+            let statuses = statuses.clone();
+            async move {
+                use http_body_util::BodyExt;
+                let marked = req.extensions().get::<Marker>().is_some();
+                let tried = req.extensions().get::<Tried>().is_some();
+                let data = req.into_body().collect().await.unwrap().to_bytes();
+                let mut seen = seen.lock();
+                seen.push((data, marked, tried));
+                let s = statuses[(seen.len() - 1).min(statuses.len() - 1)];
+                Ok::<_, ProxyError>(Response::builder().status(s).body(()).unwrap())
+            }
+        })
+    }
+
+    #[derive(Clone)]
+    struct Marker;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_body_is_replayed_whole_and_the_first_attempt_keeps_the_extensions() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let p = RetryPolicy::new(&cfg(3, vec![RetryOn::GatewayError]), "r-body");
+        for _ in 0..10 {
+            p.budget.deposit();
+        }
+        let mut svc = tower::Layer::layer(
+            &RetryLayer::new(Some(p), limits()),
+            recording(vec![503, 200], seen.clone()),
+        );
+        for body in [&b"twelve bytes"[..], b""] {
+            seen.lock().clear();
+            let mut req = Request::new(ReqBody::Replay {
+                data: Some(Bytes::from_static(body)),
+                trailers: None,
+            });
+            *req.method_mut() = Method::PUT;
+            req.extensions_mut().insert(Marker);
+            let r = svc.ready().await.unwrap().call(req).await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()[ATTEMPTS], "2");
+            assert_eq!(
+                *seen.lock(),
+                vec![
+                    (Bytes::from_static(body), true, false),
+                    (Bytes::from_static(body), false, true),
+                ],
+                "{body:?}"
+            );
+        }
     }
 
     #[test]
