@@ -218,14 +218,14 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(policy) = &self.policy else {
-            return RetryFuture::once(self.inner.call(req), None);
+            return RetryFuture::once(self.inner.call(req), false);
         };
         policy.budget.deposit();
         let replayable = policy.allows_method(req.method())
             && policy.cfg.attempts > 1
             && !req.headers().contains_key(http::header::UPGRADE);
         if !replayable {
-            return RetryFuture::once(self.inner.call(req), Some(1));
+            return RetryFuture::once(self.inner.call(req), true);
         }
         // The head is copied once, for the attempts after the first; the
         // first goes out as it came, extensions and all.
@@ -244,6 +244,8 @@ where
             tried: None,
             attempt: 1,
             once: None,
+            picked: None,
+            backoff: None,
         });
         if req.body().is_end_stream() {
             // No body to keep (the usual GET): the first attempt needs no
@@ -251,9 +253,9 @@ where
             return RetryFuture {
                 phase: Phase::Attempt {
                     fut: self.inner.call(req),
-                    picked: None,
                 },
                 replay: Some(replay),
+                tell: true,
                 _body: std::marker::PhantomData,
             };
         }
@@ -264,6 +266,7 @@ where
                 fut: Box::pin(body::buffer(body, policy.cfg.max_body_bytes)),
             },
             replay: Some(replay),
+            tell: true,
             _body: std::marker::PhantomData,
         }
     }
@@ -293,6 +296,11 @@ struct Replay<S> {
     attempt: u32,
     /// A body too large to keep: its request, sent once, whole.
     once: Option<Request<ReqBody>>,
+    /// The endpoint the balancer picked for the attempt in flight, learnt
+    /// in its first poll (see `balance::take_pick`).
+    picked: Option<std::net::SocketAddr>,
+    /// The wait before the next attempt, and the retry permit it holds.
+    backoff: Option<(Pin<Box<tokio::time::Sleep>>, Permit)>,
 }
 
 impl<S> Replay<S> {
@@ -325,17 +333,16 @@ pin_project_lite::pin_project! {
     #[project = PhaseProj]
     enum Phase<F> {
         /// The only attempt: no retries, or a request that cannot be
-        /// replayed. `attempts` is told in the response where retries are on.
-        Once { #[pin] fut: F, attempts: Option<u32> },
+        /// replayed.
+        Once { #[pin] fut: F },
         /// Reading the body into memory before the first attempt.
         Buffering { fut: BufferFuture },
         /// Waiting for the service to be ready for the next attempt.
         Ready,
-        /// An attempt in flight, and the endpoint the balancer picked for it
-        /// (learnt in its first poll; see `balance::take_pick`).
-        Attempt { #[pin] fut: F, picked: Option<std::net::SocketAddr> },
-        /// Waiting before the next attempt, with a retry permit held.
-        Backoff { sleep: Pin<Box<tokio::time::Sleep>>, permit: Option<Permit> },
+        /// An attempt in flight.
+        Attempt { #[pin] fut: F },
+        /// Waiting before the next attempt (`Replay::backoff`).
+        Backoff,
         Done,
     }
 }
@@ -348,6 +355,8 @@ pin_project_lite::pin_project! {
         #[pin]
         phase: Phase<S::Future>,
         replay: Option<Box<Replay<S>>>,
+        // Whether the answer says how many attempts it took (retries on).
+        tell: bool,
         _body: std::marker::PhantomData<fn() -> RB>,
     }
 }
@@ -356,10 +365,11 @@ impl<S, RB> RetryFuture<S, RB>
 where
     S: tower::Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError>,
 {
-    fn once(fut: S::Future, attempts: Option<u32>) -> Self {
+    fn once(fut: S::Future, tell: bool) -> Self {
         RetryFuture {
-            phase: Phase::Once { fut, attempts },
+            phase: Phase::Once { fut },
             replay: None,
+            tell,
             _body: std::marker::PhantomData,
         }
     }
@@ -374,28 +384,22 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            let Some(replay) = this.replay.as_deref_mut() else {
-                // No replay state: only `Once` (or `Done`) is reachable.
-                return match this.phase.as_mut().project() {
-                    PhaseProj::Once { fut, attempts } => {
-                        let attempts = *attempts;
-                        let r = ready!(fut.poll(cx));
-                        this.phase.set(Phase::Done);
-                        Poll::Ready(match attempts {
-                            Some(n) => with_attempts(r, n),
-                            None => r,
-                        })
-                    }
-                    _ => Poll::Pending,
-                };
+            let replay = match this.phase.as_mut().project() {
+                // Not set to `Done` when ready: a future is not polled after
+                // its answer, and setting a phase copies a whole `Phase`.
+                // The inner future's answer is returned as it comes (no
+                // moves of a response through locals) where nothing is added.
+                PhaseProj::Once { fut } if !*this.tell => return fut.poll(cx),
+                PhaseProj::Once { fut } => return fut.poll(cx).map(|r| with_attempts(r, 1)),
+                PhaseProj::Done => return Poll::Pending,
+                // Every other phase has the replay state.
+                phase => match this.replay.as_deref_mut() {
+                    Some(replay) => (phase, replay),
+                    None => return Poll::Pending,
+                },
             };
-            match this.phase.as_mut().project() {
-                PhaseProj::Once { fut, .. } => {
-                    let r = ready!(fut.poll(cx));
-                    this.phase.set(Phase::Done);
-                    return Poll::Ready(with_attempts(r, 1));
-                }
-                PhaseProj::Buffering { fut } => {
+            match replay {
+                (PhaseProj::Buffering { fut }, replay) => {
                     match ready!(fut.as_mut().poll(cx)) {
                         Ok(Buffered::Whole { data, trailers }) => {
                             replay.data = data;
@@ -418,54 +422,49 @@ where
                     }
                     this.phase.set(Phase::Ready);
                 }
-                PhaseProj::Ready => {
+                (PhaseProj::Ready, replay) => {
                     if let Err(e) = ready!(replay.inner.poll_ready(cx)) {
                         this.phase.set(Phase::Done);
                         return Poll::Ready(Err(e));
                     }
                     if let Some(req) = replay.once.take() {
                         let fut = replay.inner.call(req);
-                        this.phase.set(Phase::Once {
-                            fut,
-                            attempts: Some(1),
-                        });
+                        this.phase.set(Phase::Once { fut });
                     } else {
                         let req = replay.next_request();
                         let fut = replay.inner.call(req);
-                        this.phase.set(Phase::Attempt { fut, picked: None });
+                        replay.picked = None;
+                        this.phase.set(Phase::Attempt { fut });
                     }
                 }
-                PhaseProj::Attempt { fut, picked } => {
-                    if picked.is_none() {
+                (PhaseProj::Attempt { fut }, replay) => {
+                    if replay.picked.is_none() {
                         crate::balance::take_pick();
                     }
                     let r = fut.poll(cx);
-                    if picked.is_none() {
-                        *picked = crate::balance::take_pick();
+                    if replay.picked.is_none() {
+                        replay.picked = crate::balance::take_pick();
                     }
                     let r = ready!(r);
-                    let picked = *picked;
-                    match replay.after(r, picked) {
-                        Ok(done) => {
-                            this.phase.set(Phase::Done);
-                            return Poll::Ready(done);
-                        }
+                    match replay.after(r) {
+                        Ok(done) => return Poll::Ready(done),
                         Err(permit) => {
                             let wait = replay.policy.backoff(replay.attempt);
-                            this.phase.set(Phase::Backoff {
-                                sleep: Box::pin(tokio::time::sleep(wait)),
-                                permit,
-                            });
+                            replay.backoff = Some((Box::pin(tokio::time::sleep(wait)), permit));
+                            this.phase.set(Phase::Backoff);
                         }
                     }
                 }
-                PhaseProj::Backoff { sleep, .. } => {
-                    ready!(sleep.as_mut().poll(cx));
+                (PhaseProj::Backoff, replay) => {
+                    if let Some((sleep, _)) = &mut replay.backoff {
+                        ready!(sleep.as_mut().poll(cx));
+                    }
+                    // Gives the retry permit back: it bounds retries waiting.
+                    replay.backoff = None;
                     replay.attempt += 1;
-                    // Drops the retry permit: it bounds retries waiting.
                     this.phase.set(Phase::Ready);
                 }
-                PhaseProj::Done => return Poll::Pending,
+                (PhaseProj::Once { .. } | PhaseProj::Done, _) => return Poll::Pending,
             }
         }
     }
@@ -474,12 +473,10 @@ where
 impl<S> Replay<S> {
     /// After an attempt: the answer to return (`Ok`), or a retry to make
     /// after a backoff, with the permit it holds meanwhile (`Err`).
-    #[allow(clippy::type_complexity)]
     fn after<RB>(
         &mut self,
         r: Result<Response<RB>, ProxyError>,
-        picked: Option<std::net::SocketAddr>,
-    ) -> Result<Result<Response<RB>, ProxyError>, Option<Permit>> {
+    ) -> Result<Result<Response<RB>, ProxyError>, Permit> {
         let attempt = self.attempt;
         let Some(reason) = self.policy.retry_reason(&r) else {
             return Ok(with_attempts(r, attempt));
@@ -500,12 +497,12 @@ impl<S> Replay<S> {
             .inc();
         if self.tried.is_none() {
             let t = Tried::default();
-            t.0.lock().extend(picked);
+            t.0.lock().extend(self.picked);
             self.tried = Some(t);
         }
         // The failed attempt's body (if any) is dropped here, before the wait.
         drop(r);
-        Err(Some(permit))
+        Err(permit)
     }
 }
 
