@@ -321,11 +321,15 @@ impl Endpoint {
         // the request was not yet written, hyper hands it back and we try the
         // next connection (at most a fresh one after the pool is exhausted).
         loop {
+            // Waiting for a connection and making one are boxed: rare, and
+            // their futures (a TLS handshake's among them) would otherwise
+            // make every request's future kilobytes larger, each byte
+            // copied when a request starts.
             let (mut pooled, fresh) = match self.checkout() {
                 Some(s) => (s, false),
-                None => match self.h1_sender_or_permit().await? {
+                None => match Box::pin(self.h1_sender_or_permit()).await? {
                     Ok(s) => (s, false),
-                    Err(permit) => (self.connect_h1(permit).await?, true),
+                    Err(permit) => (Box::pin(self.connect_h1(permit)).await?, true),
                 },
             };
             if let Err(source) = pooled.sender.ready().await {
@@ -379,11 +383,12 @@ impl Endpoint {
         let mut sender = match current() {
             Some(s) => s,
             None => {
-                // One connection at a time: a burst of first requests shares it.
-                let _one = self.h2_connecting.lock().await;
+                // One connection at a time: a burst of first requests shares
+                // it. Boxed, as for HTTP/1.1: rare, and large.
+                let _one = Box::pin(self.h2_connecting.lock()).await;
                 match current() {
                     Some(s) => s,
-                    None => match self.connect_h2().await {
+                    None => match Box::pin(self.connect_h2()).await {
                         Ok(s) => {
                             fresh = true;
                             *self.h2.lock() = Some(s.clone());
