@@ -174,15 +174,19 @@ impl RetryPolicy {
     }
 }
 
+/// The route's policy and the cluster's limits, present only where the
+/// route retries: a route without retries clones and drops nothing for it
+/// per request.
 #[derive(Clone)]
 pub struct RetryLayer {
-    policy: Option<Arc<RetryPolicy>>,
-    limits: Arc<Limits>,
+    policy: Option<(Arc<RetryPolicy>, Arc<Limits>)>,
 }
 
 impl RetryLayer {
     pub fn new(policy: Option<Arc<RetryPolicy>>, limits: Arc<Limits>) -> Self {
-        RetryLayer { policy, limits }
+        RetryLayer {
+            policy: policy.map(|p| (p, limits)),
+        }
     }
 }
 
@@ -192,7 +196,6 @@ impl<S> tower::Layer<S> for RetryLayer {
         Retry {
             inner,
             policy: self.policy.clone(),
-            limits: self.limits.clone(),
         }
     }
 }
@@ -200,8 +203,7 @@ impl<S> tower::Layer<S> for RetryLayer {
 #[derive(Clone)]
 pub struct Retry<S> {
     inner: S,
-    policy: Option<Arc<RetryPolicy>>,
-    limits: Arc<Limits>,
+    policy: Option<(Arc<RetryPolicy>, Arc<Limits>)>,
 }
 
 impl<S, RB> tower::Service<Request<ReqBody>> for Retry<S>
@@ -217,7 +219,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let Some(policy) = &self.policy else {
+        let Some((policy, limits)) = &self.policy else {
             return RetryFuture::once(self.inner.call(req), false);
         };
         policy.budget.deposit();
@@ -232,7 +234,7 @@ where
         let mut replay = Box::new(Replay {
             inner: self.inner.clone(),
             policy: policy.clone(),
-            limits: self.limits.clone(),
+            limits: limits.clone(),
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),

@@ -111,7 +111,7 @@ impl<S> tower::Layer<S> for TimeoutLayer {
     fn layer(&self, inner: S) -> Timeout<S> {
         Timeout {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -119,7 +119,9 @@ impl<S> tower::Layer<S> for TimeoutLayer {
 #[derive(Clone)]
 pub struct Timeout<S> {
     inner: S,
-    layer: TimeoutLayer,
+    /// Shared: the route's stack is cloned for every request, and one
+    /// reference count costs less than the layer's own.
+    layer: Arc<TimeoutLayer>,
 }
 
 /// `x-outrigger-expected-timeout-ms`.
@@ -195,14 +197,7 @@ where
         // Only gRPC requests carry grpc-timeout; checking the content type
         // (a standard header) first keeps other requests from hashing the name.
         if !self.layer.tells {
-            let after = self.layer.after;
-            return TimeoutFuture {
-                inner: self.inner.call(req),
-                timer: after.map(|a| self.layer.timer(a)),
-                after: after.unwrap_or_default(),
-                kind: self.layer.kind,
-                fired: self.layer.fired.clone(),
-            };
+            return self.future(self.layer.after, req);
         }
         let is_grpc = crate::error::is_grpc(req.headers());
         let grpc = if is_grpc {
@@ -228,12 +223,28 @@ where
                 .filter(|_| Some(left) == self.layer.floor);
             tell(req.headers_mut(), left, ready, is_grpc, grpc);
         }
+        self.future(after, req)
+    }
+}
+
+impl<S> Timeout<S> {
+    fn future<B, R>(&mut self, after: Option<Duration>, req: Request<B>) -> TimeoutFuture<S::Future>
+    where
+        S: tower::Service<Request<B>, Response = R, Error = ProxyError>,
+    {
+        let timer = after.map(|a| self.layer.timer(a));
+        // The counter only where a timer can fire: no reference count to
+        // take and give back for the requests of a route without timeout.
+        let fired = match timer {
+            Some(_) => self.layer.fired.clone(),
+            None => None,
+        };
         TimeoutFuture {
             inner: self.inner.call(req),
-            timer: after.map(|a| self.layer.timer(a)),
+            timer,
             after: after.unwrap_or_default(),
             kind: self.layer.kind,
-            fired: self.layer.fired.clone(),
+            fired,
         }
     }
 }

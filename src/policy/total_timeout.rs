@@ -15,19 +15,22 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The timeout and its counter, present only where a total timeout is set:
+/// a route without one clones and drops nothing for it per request.
 #[derive(Clone)]
 pub struct TotalTimeoutLayer {
-    after: Option<Duration>,
-    fired: IntCounter,
+    armed: Option<(Duration, IntCounter)>,
 }
 
 impl TotalTimeoutLayer {
     pub fn new(after: Option<Duration>, route: &str) -> Self {
         TotalTimeoutLayer {
-            after,
-            fired: crate::telemetry::metrics()
-                .timeouts
-                .with_label_values(&[route, TimeoutKind::Total.as_str()]),
+            armed: after.map(|after| {
+                let fired = crate::telemetry::metrics()
+                    .timeouts
+                    .with_label_values(&[route, TimeoutKind::Total.as_str()]);
+                (after, fired)
+            }),
         }
     }
 }
@@ -62,11 +65,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(after) = self.layer.after else {
+        let Some((after, fired)) = &self.layer.armed else {
             return PolicyFuture::direct(self.inner.call(req));
         };
+        let after = *after;
         let deadline = Instant::now() + after;
-        let fired = self.layer.fired.clone();
+        let fired = fired.clone();
         let inner = self.inner.call(req);
         PolicyFuture::boxed(async move {
             match tokio::time::timeout_at(deadline, inner).await {
