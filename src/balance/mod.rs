@@ -354,7 +354,7 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
     /// it. Picking here in `call`, or on another task, would break that.
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let cluster = self.cluster.clone();
-        boxed(move || async move {
+        crate::policy::boxed(move || async move {
             let Some(permit) = cluster.limits.try_acquire(Limit::Requests) else {
                 return Err(ProxyError::Overloaded {
                     limit: Limit::Requests.as_str(),
@@ -415,13 +415,6 @@ impl tower::Service<Request<ReqBody>> for ClusterService {
             }
         })
     }
-}
-
-/// Boxes the future that `make` builds, allocating first: the future (a few
-/// kilobytes, of which only the captured request is set at the start) can
-/// then be built in the box instead of on the stack and copied whole into it.
-fn boxed<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
-    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// A response body on its way downstream: streamed from upstream, or made here.

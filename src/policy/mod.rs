@@ -23,6 +23,14 @@ use std::task::{Context, Poll};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// Boxes the future that `make` builds, allocating first, so that the
+/// future is built in the box: `Box::pin(value)` builds it on the stack and
+/// copies all of it (a request's future is kilobytes, though little of it
+/// is set at the start) into the box.
+pub fn boxed<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 pin_project_lite::pin_project! {
     /// A layer's future: the inner one untouched, a boxed one when the
     /// policy acts, or an answer known at once.

@@ -49,8 +49,12 @@ where
             tokio::spawn(fut);
         } else {
             ADOPTING.set(Adopt::Handed);
-            let fut = std::panic::AssertUnwindSafe(fut).catch_unwind().map(|_| ());
-            HANDED.with_borrow_mut(|handed| handed.push(Box::pin(fut)));
+            // Boxed before the hand-over, and built in its box: the stream's
+            // future (the whole request's) is copied once, not three times.
+            let fut: StreamFuture = crate::policy::boxed(move || {
+                std::panic::AssertUnwindSafe(fut).catch_unwind().map(|_| ())
+            });
+            HANDED.with_borrow_mut(|handed| handed.push(fut));
         }
     }
 }
