@@ -229,29 +229,36 @@ where
         if !replayable {
             return RetryFuture::once(self.inner.call(req), true);
         }
-        // The head is copied once, for the attempts after the first; the
-        // first goes out as it came, extensions and all.
-        let mut replay = Box::new(Replay {
-            inner: self.inner.clone(),
-            policy: policy.clone(),
-            limits: limits.clone(),
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-            trail: req.extensions().get::<Arc<Trail>>().cloned(),
-            extensions: None,
-            data: Bytes::new(),
-            trailers: None,
-            tried: None,
-            attempt: 1,
-            once: None,
-            picked: None,
-            backoff: None,
-        });
+        let trail = req.extensions().get::<Arc<Trail>>().cloned();
+        let replay = |head: Head, extensions| {
+            Box::new(Replay {
+                inner: self.inner.clone(),
+                policy: policy.clone(),
+                limits: limits.clone(),
+                head,
+                trail,
+                extensions,
+                data: Bytes::new(),
+                trailers: None,
+                tried: None,
+                attempt: 1,
+                once: None,
+                picked: None,
+                backoff: None,
+            })
+        };
         if req.body().is_end_stream() {
-            // No body to keep (the usual GET): the first attempt needs no
-            // wait, and `self.inner` was made ready by the caller.
+            // No body to keep (the usual GET): the first attempt goes out as
+            // it came, extensions and all, with no wait (`self.inner` was
+            // made ready by the caller); the head is copied for the
+            // attempts after it.
+            let head = Head {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                version: req.version(),
+                headers: req.headers().clone(),
+            };
+            let replay = replay(head, None);
             return RetryFuture {
                 phase: Phase::Attempt {
                     fut: self.inner.call(req),
@@ -261,17 +268,32 @@ where
                 _body: std::marker::PhantomData,
             };
         }
+        // A body to read first: the first attempt is built from the replay
+        // state like the others, so the head moves there with no copy.
         let (parts, body) = req.into_parts();
-        replay.extensions = Some(parts.extensions);
+        let head = Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        };
         RetryFuture {
             phase: Phase::Buffering {
                 fut: Box::pin(body::buffer(body, policy.cfg.max_body_bytes)),
             },
-            replay: Some(replay),
+            replay: Some(replay(head, Some(parts.extensions))),
             tell: true,
             _body: std::marker::PhantomData,
         }
     }
+}
+
+/// The request head that every attempt after the first is rebuilt from.
+struct Head {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
 }
 
 /// What a replayable request needs for its next attempt; boxed, so that a
@@ -282,10 +304,7 @@ struct Replay<S> {
     inner: S,
     policy: Arc<RetryPolicy>,
     limits: Arc<Limits>,
-    method: Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
+    head: Head,
     trail: Option<Arc<Trail>>,
     /// The original extensions, for the first attempt when it is built
     /// here (after its body was read).
@@ -311,10 +330,10 @@ impl<S> Replay<S> {
             data: Some(self.data.clone()),
             trailers: self.trailers.clone(),
         });
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
+        *req.method_mut() = self.head.method.clone();
+        *req.uri_mut() = self.head.uri.clone();
+        *req.version_mut() = self.head.version;
+        *req.headers_mut() = self.head.headers.clone();
         if let Some(e) = self.extensions.take() {
             *req.extensions_mut() = e;
             return req;
@@ -393,11 +412,12 @@ where
                 // moves of a response through locals) where nothing is added.
                 PhaseProj::Once { fut } if !*this.tell => return fut.poll(cx),
                 PhaseProj::Once { fut } => return fut.poll(cx).map(|r| with_attempts(r, 1)),
-                PhaseProj::Done => return Poll::Pending,
-                // Every other phase has the replay state.
+                PhaseProj::Done => panic!("RetryFuture polled after its answer"),
+                // Every other phase has the replay state, made with it in
+                // `Retry::call`.
                 phase => match this.replay.as_deref_mut() {
                     Some(replay) => (phase, replay),
-                    None => return Poll::Pending,
+                    None => unreachable!("a replay phase without replay state"),
                 },
             };
             match replay {
@@ -410,10 +430,10 @@ where
                         Ok(Buffered::TooLarge(body)) => {
                             // Too large to keep: sent once, whole.
                             let mut req = Request::new(body);
-                            *req.method_mut() = replay.method.clone();
-                            *req.uri_mut() = std::mem::take(&mut replay.uri);
-                            *req.version_mut() = replay.version;
-                            *req.headers_mut() = std::mem::take(&mut replay.headers);
+                            *req.method_mut() = replay.head.method.clone();
+                            *req.uri_mut() = std::mem::take(&mut replay.head.uri);
+                            *req.version_mut() = replay.head.version;
+                            *req.headers_mut() = std::mem::take(&mut replay.head.headers);
                             *req.extensions_mut() = replay.extensions.take().unwrap_or_default();
                             replay.once = Some(req);
                         }
@@ -466,7 +486,9 @@ where
                     replay.attempt += 1;
                     this.phase.set(Phase::Ready);
                 }
-                (PhaseProj::Once { .. } | PhaseProj::Done, _) => return Poll::Pending,
+                (PhaseProj::Once { .. } | PhaseProj::Done, _) => {
+                    unreachable!("answered in the match above")
+                }
             }
         }
     }
@@ -728,6 +750,87 @@ mod tests {
                 "{body:?}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_permit_is_held_through_the_backoff_and_given_back() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let p = RetryPolicy::new(&cfg(2, vec![RetryOn::GatewayError]), "r-permit");
+        for _ in 0..50 {
+            p.budget.deposit();
+        }
+        let one_retry = Limits::new(
+            &config::CircuitBreaker {
+                max_retries: 1,
+                ..Default::default()
+            },
+            "r-permit",
+        );
+        // A fails and waits to retry; B fails meanwhile and may not retry;
+        // A's retry answers; C fails and retries, A's permit given back.
+        let mut svc = tower::Layer::layer(
+            &RetryLayer::new(Some(p), one_retry),
+            upstream(vec![503, 503, 200, 503, 200], calls.clone()),
+        );
+        let mut a = std::pin::pin!(svc.ready().await.unwrap().call(get()));
+        let first = std::future::poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "A waits out its backoff");
+        let b = svc.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(
+            (b.status().as_u16(), b.headers()[ATTEMPTS].as_bytes()),
+            (503, &b"1"[..])
+        );
+        let a = a.await.unwrap();
+        assert_eq!(
+            (a.status().as_u16(), a.headers()[ATTEMPTS].as_bytes()),
+            (200, &b"2"[..])
+        );
+        let c = svc.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(
+            (c.status().as_u16(), c.headers()[ATTEMPTS].as_bytes()),
+            (200, &b"2"[..])
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+    }
+
+    /// Ready for the layer's own `poll_ready`, refused for the clone that
+    /// makes the attempts.
+    #[derive(Clone)]
+    struct ReadyOnce(Arc<AtomicU32>);
+
+    impl tower::Service<Request<ReqBody>> for ReadyOnce {
+        type Response = Response<()>;
+        type Error = ProxyError;
+        type Future = std::future::Ready<Result<Response<()>, ProxyError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+            Poll::Ready(match self.0.fetch_add(1, Ordering::SeqCst) {
+                0 => Ok(()),
+                _ => Err(ProxyError::Overloaded { limit: "test" }),
+            })
+        }
+        fn call(&mut self, _: Request<ReqBody>) -> Self::Future {
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_refusing_after_the_body_is_read_fails_the_request_as_is() {
+        let p = RetryPolicy::new(&cfg(3, vec![RetryOn::FiveXx]), "r-ready");
+        let mut svc = tower::Layer::layer(
+            &RetryLayer::new(Some(p), limits()),
+            ReadyOnce(Arc::new(AtomicU32::new(0))),
+        );
+        let mut put = Request::new(ReqBody::Replay {
+            data: Some(Bytes::from_static(b"body")),
+            trailers: None,
+        });
+        *put.method_mut() = Method::PUT;
+        let r = svc.ready().await.unwrap().call(put).await;
+        assert!(
+            matches!(r, Err(ProxyError::Overloaded { limit: "test" })),
+            "{:?}",
+            r.err()
+        );
     }
 
     #[test]
