@@ -579,18 +579,29 @@ mod tests {
         Limits::new(&config::CircuitBreaker::default(), "retry-test")
     }
 
+    /// What the tests put under the retry layer.
+    trait Upstream:
+        tower::Service<Request<ReqBody>, Response = Response<()>, Error = ProxyError, Future: Send>
+        + Clone
+        + Send
+        + 'static
+    {
+    }
+
+    impl<T> Upstream for T where
+        T: tower::Service<
+                Request<ReqBody>,
+                Response = Response<()>,
+                Error = ProxyError,
+                Future: Send,
+            > + Clone
+            + Send
+            + 'static
+    {
+    }
+
     /// An upstream that answers the statuses in turn and counts calls.
-    fn upstream(
-        statuses: Vec<u16>,
-        calls: Arc<AtomicU32>,
-    ) -> impl tower::Service<
-        Request<ReqBody>,
-        Response = Response<()>,
-        Error = ProxyError,
-        Future: Send,
-    > + Clone
-    + Send
-    + 'static {
+    fn upstream(statuses: Vec<u16>, calls: Arc<AtomicU32>) -> impl Upstream {
         tower::service_fn(move |_req: Request<ReqBody>| {
             let n = calls.fetch_add(1, Ordering::SeqCst) as usize;
             let s = statuses[n.min(statuses.len() - 1)];
@@ -604,12 +615,7 @@ mod tests {
         route: &str,
         statuses: Vec<u16>,
         calls: &Arc<AtomicU32>,
-    ) -> Retry<
-        impl tower::Service<Request<ReqBody>, Response = Response<()>, Error = ProxyError, Future: Send>
-        + Clone
-        + Send
-        + 'static,
-    > {
+    ) -> Retry<impl Upstream> {
         let p = RetryPolicy::new(&c, route);
         for _ in 0..50 {
             p.budget.deposit();
@@ -688,18 +694,7 @@ mod tests {
 
     /// An upstream that records each attempt's body and whether it saw the
     /// caller's own extension and a `Tried`, answering the statuses in turn.
-    #[allow(clippy::type_complexity)]
-    fn recording(
-        statuses: Vec<u16>,
-        seen: Arc<Mutex<Vec<(Bytes, bool, bool)>>>,
-    ) -> impl tower::Service<
-        Request<ReqBody>,
-        Response = Response<()>,
-        Error = ProxyError,
-        Future: Send,
-    > + Clone
-    + Send
-    + 'static {
+    fn recording(statuses: Vec<u16>, seen: Arc<Mutex<Vec<(Bytes, bool, bool)>>>) -> impl Upstream {
         tower::service_fn(move |req: Request<ReqBody>| {
             let seen = seen.clone();
             let statuses = statuses.clone();
