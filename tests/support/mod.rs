@@ -41,8 +41,15 @@ pub fn dead_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// A fresh directory for one test. Named by the test process's id; the
+/// directories of earlier test processes that have exited are removed at a
+/// process's first call, so that runs of the suite do not pile up in /tmp
+/// (a test's proxy may still read its files while the test runs, so a
+/// process's own directories stay until a later run).
 pub fn temp_dir() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(remove_exited_temp_dirs);
     let d = std::env::temp_dir().join(format!(
         "outrigger-test-{}-{}",
         std::process::id(),
@@ -50,6 +57,31 @@ pub fn temp_dir() -> PathBuf {
     ));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Removes `outrigger-test-<pid>-<n>` directories whose process is gone.
+fn remove_exited_temp_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("outrigger-test-"))
+        else {
+            continue;
+        };
+        let Some((pid, n)) = rest.split_once('-') else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || n.parse::<usize>().is_err() {
+            continue;
+        }
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 const EOF: &str = "<proxy stdout closed>";
