@@ -116,7 +116,7 @@ where
             Some(d) => {
                 p.delayed.inc();
                 let mut inner = self.inner.clone();
-                PolicyFuture::boxed(async move {
+                PolicyFuture::boxed(move || async move {
                     tokio::time::sleep(d).await;
                     tower::ServiceExt::ready(&mut inner).await?.call(req).await
                 })

@@ -48,10 +48,12 @@ impl<F, T> PolicyFuture<F, T> {
     pub fn direct(inner: F) -> Self {
         PolicyFuture::Direct { inner }
     }
-    pub fn boxed(inner: impl Future<Output = T> + Send + 'static) -> Self {
-        PolicyFuture::Boxed {
-            inner: Box::pin(inner),
-        }
+    /// The future `make` builds, built in its box (see [`boxed`]).
+    pub fn boxed<G>(make: impl FnOnce() -> G) -> Self
+    where
+        G: Future<Output = T> + Send + 'static,
+    {
+        PolicyFuture::Boxed { inner: boxed(make) }
     }
     pub fn ready(out: T) -> Self {
         PolicyFuture::Ready { out: Some(out) }

@@ -72,7 +72,7 @@ where
         let deadline = Instant::now() + after;
         let fired = fired.clone();
         let inner = self.inner.call(req);
-        PolicyFuture::boxed(async move {
+        PolicyFuture::boxed(move || async move {
             match tokio::time::timeout_at(deadline, inner).await {
                 Ok(Ok(mut resp)) => {
                     if let RespBody::Upstream(b) = resp.body_mut() {
