@@ -7,15 +7,17 @@
 #   ROUTE=policies bash benches/callgrind.sh  # retries, both timeouts, breaker, outlier
 #   ROUTE=tracing bash benches/callgrind.sh   # tracing on, 100 % sampled, spans to a sink
 #   N=20000 KINDS=h1 bash benches/callgrind.sh
+#   PROXY=haproxy bash benches/callgrind.sh   # HAProxy in the proxy's place, same load
 #
-# Prints `instructions: <kind> <total> (<per request>)`.
+# Prints `instructions: <proxy> <route> <kind> <total> (<per request>)`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-20000}
 KINDS=${KINDS:-h1 h2}
 ROUTE=${ROUTE:-bare}
+PROXY=${PROXY:-outrigger}
 BIN=${BIN:-target/release/outrigger}
-[ -x "$BIN" ] || cargo build --release --bin outrigger
+[ "$PROXY" = haproxy ] || [ -x "$BIN" ] || cargo build --release --bin outrigger
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$tmp"/cg.* "$KEEP"/ ; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -62,6 +64,35 @@ esac
 for kind in $KINDS; do
   P=$(free_port)
   A=$(free_port)
+  if [ "$PROXY" = haproxy ]; then
+    # The load harness's HAProxy: one thread, keep-alive to the upstream;
+    # h2c on its own port, as HAProxy needs `proto h2` to take it.
+    cat >"$tmp/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 300s
+  timeout server 300s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:$P$([ "$kind" = h2 ] && echo " proto h2")
+  default_backend b
+backend b
+  server s1 127.0.0.1:$UP
+EOF
+    valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$kind" \
+      haproxy -f "$tmp/haproxy.cfg" >/dev/null 2>"$tmp/vg.$kind" &
+    vg=$!
+    ready=
+    for _ in $(seq 600); do
+      kill -0 "$vg" 2>/dev/null || break
+      python3 -c "import socket; socket.create_connection(('127.0.0.1', $P), 1).close()" 2>/dev/null && { ready=1; break; }
+      sleep 0.1
+    done
+  else
   cat >"$tmp/c.yaml" <<EOF
 admin: { address: 127.0.0.1:$A, probes: 127.0.0.1:$((A + 1)) }
 listeners: [ { name: out, role: outbound, address: 127.0.0.1:$P } ]
@@ -82,14 +113,21 @@ EOF
     curl -sf -o /dev/null "http://127.0.0.1:$((A + 1))/ready" && { ready=1; break; }
     sleep 0.1
   done
+  fi
   [ -n "$ready" ] || { echo "callgrind.sh: the proxy did not start:" >&2; cat "$tmp/vg.$kind" >&2; exit 1; }
   if [ "$kind" = h1 ]; then
     h2load --h1 -n "$N" -c 8 "http://127.0.0.1:$P/" >/dev/null
   else
     h2load -n "$N" -c 8 -m 10 "http://127.0.0.1:$P/" >/dev/null
   fi
-  kill -INT "$vg"
+  # HAProxy takes SIGINT as a soft stop that waits for idle connections.
+  if [ "$PROXY" = haproxy ]; then kill -TERM "$vg"; else kill -INT "$vg"; fi
   wait "$vg" || true
   total=$(callgrind_annotate "$tmp/cg.$kind" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t { gsub(",", "", $1); t = $1 } END { print t }')
-  echo "instructions: $ROUTE $kind $total ($((total / N)) per request)"
+  if [ "$PROXY" = haproxy ]; then
+    # HAProxy's start-up reads the system CA store (~200 M): count its
+    # event loop only, where every request is served.
+    total=$(callgrind_annotate --inclusive=yes "$tmp/cg.$kind" 2>/dev/null | awk '/:run_poll_loop / && !t { gsub(",", "", $1); t = $1 } END { print t }')
+  fi
+  echo "instructions: $PROXY $ROUTE $kind $total ($((total / N)) per request)"
 done
