@@ -10,6 +10,8 @@ use std::time::Duration;
 
 pub const REASON: &str = "x-outrigger-reason";
 pub const ATTEMPTS: &str = "x-outrigger-attempts";
+/// The same, ready-made: written on every answer of a retried route.
+pub static ATTEMPTS_HEADER: http::HeaderName = http::HeaderName::from_static(ATTEMPTS);
 /// The time the caller still waits, in milliseconds: told to the next hop
 /// and the app, so nobody works on a request nobody waits for.
 pub const EXPECTED_TIMEOUT: &str = "x-outrigger-expected-timeout-ms";

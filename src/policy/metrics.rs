@@ -204,7 +204,7 @@ where
                 }
                 let attempts = resp
                     .headers()
-                    .get(crate::error::ATTEMPTS)
+                    .get(&crate::error::ATTEMPTS_HEADER)
                     .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
                     .unwrap_or(1);
                 tracing::info!(

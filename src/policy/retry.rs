@@ -18,7 +18,7 @@ use crate::balance::Tried;
 use crate::body::{self, Buffered, ReqBody};
 use crate::config::{self, RetryOn};
 use crate::context::Trail;
-use crate::error::{ATTEMPTS, Limit, ProxyError, TimeoutKind, UpstreamError};
+use crate::error::{ATTEMPTS_HEADER, Limit, ProxyError, TimeoutKind, UpstreamError};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response};
 use http_body::Body;
@@ -537,13 +537,12 @@ fn with_attempts<B>(
     match r {
         Ok(mut resp) => {
             // Static name and values: no parsing or allocation per response.
-            static NAME: http::HeaderName = http::HeaderName::from_static(ATTEMPTS);
             const DIGITS: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
             let value = match DIGITS.get(attempts as usize) {
                 Some(d) => HeaderValue::from_static(d),
                 None => HeaderValue::from(attempts),
             };
-            resp.headers_mut().insert(NAME.clone(), value);
+            resp.headers_mut().insert(ATTEMPTS_HEADER.clone(), value);
             Ok(resp)
         }
         Err(e) => Err(ProxyError::Attempts {
@@ -556,6 +555,7 @@ fn with_attempts<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ATTEMPTS;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tower::{Service, ServiceExt};
 

@@ -153,7 +153,7 @@ where
                 let status = resp.status().as_u16();
                 let attempts = resp
                     .headers()
-                    .get(crate::error::ATTEMPTS)
+                    .get(&crate::error::ATTEMPTS_HEADER)
                     .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
                     .unwrap_or(1);
                 let mut attributes = vec![

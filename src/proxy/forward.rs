@@ -375,29 +375,30 @@ fn prepare(
     if drop_host {
         hdrs.remove(header::HOST);
     }
-    match l.role {
+    meta.request_id = match l.role {
         Role::Gateway => {
             // The internet may not ask for faults, claim attempts or an
             // identity, choose the request id, nor say where it came from
             // unless trusted.
             headers::strip_own(hdrs);
-            headers::set_request_id(hdrs, !l.trust_request_id);
+            let id = headers::set_request_id(hdrs, !l.trust_request_id);
             let proto = if conn.tls { "https" } else { "http" };
             headers::set_forwarded(hdrs, conn.peer.ip(), proto, &l.trust);
+            id
         }
         Role::Inbound => {
             // The app may trust this header: only the proxy sets it.
-            hdrs.remove(PEER_IDENTITY);
-            headers::ensure_request_id(hdrs);
+            hdrs.remove(&PEER_IDENTITY_HEADER);
+            let id = headers::ensure_request_id(hdrs);
             if let Some((id, value, counter)) = &conn.peer_id {
-                hdrs.insert(PEER_IDENTITY, value.clone());
+                hdrs.insert(PEER_IDENTITY_HEADER.clone(), value.clone());
                 counter.inc();
                 req.extensions_mut().insert(id.clone());
             }
+            id
         }
         Role::Outbound => headers::ensure_request_id(hdrs),
-    }
-    meta.request_id = req.headers().get(headers::REQUEST_ID).cloned();
+    };
     if let Some(e) = filters.as_ref().and_then(|f| f.request.as_ref()) {
         e.apply(req.headers_mut());
     }
@@ -540,6 +541,8 @@ fn finish(mut resp: Response<RespBody>, after: After) -> Result<Response<RespBod
 
 /// The header an inbound listener tells the app the caller's identity in.
 pub const PEER_IDENTITY: &str = "x-outrigger-peer-identity";
+/// The same, ready-made: removed and written on every inbound request.
+static PEER_IDENTITY_HEADER: http::HeaderName = http::HeaderName::from_static(PEER_IDENTITY);
 
 /// `https://<host without port>[:port]<path>` for a plain-HTTP request.
 fn https_location<B>(req: &Request<B>, port: u16) -> String {

@@ -148,12 +148,13 @@ pub fn upgrade_token(headers: &HeaderMap) -> Option<&str> {
 
 pub use crate::http_util::strip_own;
 
-/// Adds `x-request-id` when absent, or replaces a client's (`replace`).
-pub fn set_request_id(headers: &mut HeaderMap, replace: bool) {
+/// Adds `x-request-id` when absent, or replaces a client's (`replace`);
+/// returns the id the request now carries (one lookup for both).
+pub fn set_request_id(headers: &mut HeaderMap, replace: bool) -> Option<HeaderValue> {
     // A static name: no per-request parsing or validation of "x-request-id".
     static NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
     let slot = match headers.entry(NAME.clone()) {
-        header::Entry::Occupied(_) if !replace => return,
+        header::Entry::Occupied(o) if !replace => return Some(o.get().clone()),
         e => e,
     };
     let mut buf = [0u8; 32];
@@ -162,21 +163,21 @@ pub fn set_request_id(headers: &mut HeaderMap, replace: bool) {
         *b = b"0123456789abcdef"[(n & 0xf) as usize];
         n >>= 4;
     }
-    if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        match slot {
-            header::Entry::Vacant(s) => {
-                s.insert(v);
-            }
-            header::Entry::Occupied(mut s) => {
-                s.insert(v);
-            }
+    let v = HeaderValue::from_bytes(&buf).ok()?;
+    match slot {
+        header::Entry::Vacant(s) => {
+            s.insert(v.clone());
+        }
+        header::Entry::Occupied(mut s) => {
+            s.insert(v.clone());
         }
     }
+    Some(v)
 }
 
-/// Adds `x-request-id` when absent.
-pub fn ensure_request_id(headers: &mut HeaderMap) {
-    set_request_id(headers, false);
+/// Adds `x-request-id` when absent; returns the request's id.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    set_request_id(headers, false)
 }
 
 /// Who a gateway trusts to have said where a request came from.

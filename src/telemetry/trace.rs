@@ -11,7 +11,7 @@
 use crate::config::{Config, Tracing};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -21,6 +21,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
+
+// The trace headers as names made once: a lookup by `&str` parses and
+// checks the name on every call (~300 instructions each, a dozen a request).
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+static B3: HeaderName = HeaderName::from_static("b3");
+static B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+static B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+static B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+static B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+static B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// A request's place in a trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +118,20 @@ pub fn parse_traceparent(v: &[u8]) -> Option<Context> {
 /// Reads the caller's trace context: W3C first, then B3 single, then B3
 /// multi.
 pub fn read(h: &HeaderMap) -> Incoming {
-    if let Some(tp) = h.get("traceparent") {
+    // Most requests carry no trace header: one pass over the names (a
+    // length compare for most) instead of six lookups, each hashing a name.
+    if !h.keys().any(|k| {
+        let k = k.as_str();
+        k == "traceparent" || k == "b3" || k.starts_with("x-b3-")
+    }) {
+        return Incoming {
+            parent: None,
+            format: Format::W3c,
+            invalid: false,
+            sampled_hint: None,
+        };
+    }
+    if let Some(tp) = h.get(&TRACEPARENT) {
         let parent = parse_traceparent(tp.as_bytes());
         return Incoming {
             invalid: parent.is_none(),
@@ -116,7 +140,7 @@ pub fn read(h: &HeaderMap) -> Incoming {
             sampled_hint: None,
         };
     }
-    if let Some(b3) = h.get("b3") {
+    if let Some(b3) = h.get(&B3) {
         let v = b3.as_bytes();
         let parts: Vec<&[u8]> = v.split(|b| *b == b'-').collect();
         let flag = |f: &[u8]| match f {
@@ -153,13 +177,13 @@ pub fn read(h: &HeaderMap) -> Incoming {
             sampled_hint: None,
         };
     }
-    let tid = h.get("x-b3-traceid");
-    let sid = h.get("x-b3-spanid");
+    let tid = h.get(&B3_TRACEID);
+    let sid = h.get(&B3_SPANID);
     let sampled = h
-        .get("x-b3-flags")
+        .get(&B3_FLAGS)
         .filter(|f| f.as_bytes() == b"1")
         .map(|_| true)
-        .or_else(|| match h.get("x-b3-sampled").map(HeaderValue::as_bytes) {
+        .or_else(|| match h.get(&B3_SAMPLED).map(HeaderValue::as_bytes) {
             Some(b"1") | Some(b"true") => Some(true),
             Some(b"0") | Some(b"false") => Some(false),
             _ => None,
@@ -189,28 +213,44 @@ pub fn read(h: &HeaderMap) -> Incoming {
     }
 }
 
-fn to_hex(b: &[u8]) -> String {
+/// Lowercase hex of `b`, written into `out` (twice `b`'s length).
+fn hex_into(out: &mut [u8], b: &[u8]) {
     const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[(x >> 4) as usize] as char);
-        s.push(D[(x & 15) as usize] as char);
+    for (pair, x) in out.chunks_exact_mut(2).zip(b) {
+        pair[0] = D[usize::from(x >> 4)];
+        pair[1] = D[usize::from(x & 15)];
     }
-    s
 }
+
+fn to_hex(b: &[u8]) -> String {
+    let mut out = vec![0; b.len() * 2];
+    hex_into(&mut out, b);
+    // Only ASCII hex digits were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`.
+const TRACEPARENT_LEN: usize = 55;
 
 impl Context {
     pub fn trace_hex(&self) -> String {
         to_hex(&self.trace_id)
     }
 
+    /// The `traceparent` value, built on the stack: one allocation, in
+    /// the header value itself.
+    fn traceparent_bytes(&self) -> [u8; TRACEPARENT_LEN] {
+        let mut v = [b'-'; TRACEPARENT_LEN];
+        v[..2].copy_from_slice(b"00");
+        hex_into(&mut v[3..35], &self.trace_id);
+        hex_into(&mut v[36..52], &self.span_id);
+        v[53..].copy_from_slice(if self.sampled { b"01" } else { b"00" });
+        v
+    }
+
+    #[cfg(test)]
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{}",
-            to_hex(&self.trace_id),
-            to_hex(&self.span_id),
-            if self.sampled { "01" } else { "00" }
-        )
+        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
     }
 }
 
@@ -218,42 +258,52 @@ impl Context {
 /// too when the caller spoke B3. Whatever the caller sent (valid or not)
 /// is replaced, never forwarded as it was.
 pub fn write(h: &mut HeaderMap, ctx: &Context, format: Format, parent: Option<&Context>) {
-    for name in [
-        "traceparent",
-        "b3",
-        "x-b3-traceid",
-        "x-b3-spanid",
-        "x-b3-parentspanid",
-        "x-b3-sampled",
-        "x-b3-flags",
-    ] {
-        h.remove(name);
-    }
-    let set = |h: &mut HeaderMap, k: &'static str, v: String| {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(k, v);
+    // B3 names are looked up (hashed) only when the request has one: one
+    // pass over the names instead of six lookups that find nothing.
+    let has_b3 = h.keys().any(|k| {
+        let k = k.as_str();
+        k == "b3" || k.starts_with("x-b3-")
+    });
+    if has_b3 {
+        for name in [
+            &B3,
+            &B3_TRACEID,
+            &B3_SPANID,
+            &B3_PARENTSPANID,
+            &B3_SAMPLED,
+            &B3_FLAGS,
+        ] {
+            h.remove(name);
         }
-    };
-    set(h, "traceparent", ctx.traceparent());
+    }
+    // `insert` replaces every `traceparent` the caller sent.
+    if let Ok(v) = HeaderValue::from_bytes(&ctx.traceparent_bytes()) {
+        h.insert(TRACEPARENT.clone(), v);
+    }
     if parent.is_none() {
         // A new trace: a caller's tracestate belongs to no trace of ours.
-        h.remove("tracestate");
+        h.remove(&TRACESTATE);
     }
+    let set = |h: &mut HeaderMap, k: &HeaderName, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k.clone(), v);
+        }
+    };
     let flag = if ctx.sampled { "1" } else { "0" };
     match format {
         Format::W3c => {}
         Format::B3Single => set(
             h,
-            "b3",
+            &B3,
             format!("{}-{}-{flag}", to_hex(&ctx.trace_id), to_hex(&ctx.span_id)),
         ),
         Format::B3Multi => {
-            set(h, "x-b3-traceid", to_hex(&ctx.trace_id));
-            set(h, "x-b3-spanid", to_hex(&ctx.span_id));
+            set(h, &B3_TRACEID, to_hex(&ctx.trace_id));
+            set(h, &B3_SPANID, to_hex(&ctx.span_id));
             if let Some(p) = parent {
-                set(h, "x-b3-parentspanid", to_hex(&p.span_id));
+                set(h, &B3_PARENTSPANID, to_hex(&p.span_id));
             }
-            set(h, "x-b3-sampled", flag.to_string());
+            set(h, &B3_SAMPLED, flag.to_string());
         }
     }
 }
@@ -594,6 +644,66 @@ mod tests {
         assert_eq!(h["x-b3-parentspanid"], "00f067aa0ba902b7");
         assert_eq!(h["x-b3-sampled"], "1");
         assert!(h.get("traceparent").is_some());
+    }
+
+    #[test]
+    fn no_trace_header_reads_as_none_and_a_lone_sampled_flag_as_a_hint() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        let none = Incoming {
+            parent: None,
+            format: Format::W3c,
+            invalid: false,
+            sampled_hint: None,
+        };
+        assert_eq!(read(&h), none);
+        h.insert("x-b3-sampled", HeaderValue::from_static("0"));
+        assert_eq!(read(&h).sampled_hint, Some(false));
+        h.insert("tracestate", HeaderValue::from_static("vendor=x"));
+        h.remove("x-b3-sampled");
+        assert_eq!(read(&h), none, "tracestate alone carries no context");
+    }
+
+    #[test]
+    fn stale_b3_and_repeated_traceparents_are_replaced() {
+        // W3C wins when both are sent: the next hop hears W3C only, once.
+        let mut h = HeaderMap::new();
+        h.append("traceparent", HeaderValue::from_static(TP));
+        h.append("traceparent", HeaderValue::from_static(TP));
+        for name in [
+            "b3",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+        ] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        h.insert("x-b3-other", HeaderValue::from_static("kept"));
+        let i = read(&h);
+        assert_eq!(i.format, Format::W3c);
+        let parent = i.parent.unwrap();
+        let ctx = child(Some(&parent), false);
+        write(&mut h, &ctx, i.format, Some(&parent));
+        let tps: Vec<_> = h.get_all("traceparent").iter().collect();
+        assert_eq!(tps.len(), 1);
+        let tp = tps[0].to_str().unwrap();
+        assert_eq!(tp, ctx.traceparent());
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-00"));
+        assert_eq!(parse_traceparent(tp.as_bytes()), Some(ctx));
+        for name in [
+            "b3",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+        ] {
+            assert!(h.get(name).is_none(), "{name} was forwarded");
+        }
+        assert_eq!(h["x-b3-other"], "kept");
     }
 
     #[test]
