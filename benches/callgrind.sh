@@ -5,7 +5,7 @@
 #
 #   bash benches/callgrind.sh                 # bare route, HTTP/1.1 and h2c
 #   ROUTE=policies bash benches/callgrind.sh  # retries, both timeouts, breaker, outlier
-#   ROUTE=tracing bash benches/callgrind.sh   # tracing on, 100 % sampled, spans to a sink
+#   ROUTE=tracing bash benches/callgrind.sh   # tracing on, 100 % sampled (SAMPLING=0.01: 1 %), spans to a sink
 #   N=20000 KINDS=h1 bash benches/callgrind.sh
 #   PROXY=haproxy bash benches/callgrind.sh   # HAProxy in the proxy's place, same load
 #
@@ -58,7 +58,7 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
-    tracing="tracing: { otlp: \"http://127.0.0.1:$SINK/v1/traces\", sampling: 1.0 }"
+    tracing="tracing: { otlp: \"http://127.0.0.1:$SINK/v1/traces\", sampling: ${SAMPLING:-1.0} }"
     ;;
 esac
 for kind in $KINDS; do
