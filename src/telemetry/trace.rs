@@ -667,18 +667,19 @@ mod tests {
 
     #[test]
     fn stale_b3_and_repeated_traceparents_are_replaced() {
-        // W3C wins when both are sent: the next hop hears W3C only, once.
-        let mut h = HeaderMap::new();
-        h.append("traceparent", HeaderValue::from_static(TP));
-        h.append("traceparent", HeaderValue::from_static(TP));
-        for name in [
+        const B3_NAMES: [&str; 6] = [
             "b3",
             "x-b3-traceid",
             "x-b3-spanid",
             "x-b3-parentspanid",
             "x-b3-sampled",
             "x-b3-flags",
-        ] {
+        ];
+        // W3C wins when both are sent: the next hop hears W3C only, once.
+        let mut h = HeaderMap::new();
+        h.append("traceparent", HeaderValue::from_static(TP));
+        h.append("traceparent", HeaderValue::from_static(TP));
+        for name in B3_NAMES {
             h.insert(name, HeaderValue::from_static("1"));
         }
         h.insert("x-b3-other", HeaderValue::from_static("kept"));
@@ -693,14 +694,7 @@ mod tests {
         assert_eq!(tp, ctx.traceparent());
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-00"));
         assert_eq!(parse_traceparent(tp.as_bytes()), Some(ctx));
-        for name in [
-            "b3",
-            "x-b3-traceid",
-            "x-b3-spanid",
-            "x-b3-parentspanid",
-            "x-b3-sampled",
-            "x-b3-flags",
-        ] {
+        for name in B3_NAMES {
             assert!(h.get(name).is_none(), "{name} was forwarded");
         }
         assert_eq!(h["x-b3-other"], "kept");
