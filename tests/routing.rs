@@ -267,6 +267,23 @@ async fn ring_hash_is_sticky_per_key_and_spreads_keys() {
     );
 }
 
+/// A route that sets `x-request-id` itself: the access log names the id
+/// the upstream got, not the one the proxy made before the edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_set_by_a_route_is_the_one_logged() {
+    let ups = upstreams(&["app"]).await;
+    let p = ProxyProc::start(&format!(
+        "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0, access_log: true }} ]\nroutes: [ {{ name: r, backends: [ {{ cluster: app }} ], request_headers: {{ set: [ {{ name: x-request-id, value: route-made-id }} ] }} }} ]\nclusters: [ {{ name: app, endpoints: [ {{ address: {} }} ] }} ]\n",
+        ups[0].addr
+    ));
+    let r = get(&TestClient::h1(p.addr("out")), "app", "/id").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(ups[0].last().headers["x-request-id"], "route-made-id");
+    let line = p.wait_log(|l| l.contains("\"message\":\"access\"") && l.contains("/id"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["request_id"], "route-made-id", "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_lists_header_edits_rewrites_and_redirects() {
     let ups = upstreams(&["orders"]).await;

@@ -401,6 +401,9 @@ fn prepare(
     };
     if let Some(e) = filters.as_ref().and_then(|f| f.request.as_ref()) {
         e.apply(req.headers_mut());
+        // A route's edits may set or remove the id: the access log names
+        // the one the upstream gets.
+        meta.request_id = req.headers().get(headers::REQUEST_ID).cloned();
     }
     match proto {
         Proto::Http1 => http_util::to_http1(&mut req),
