@@ -17,7 +17,14 @@ KINDS=${KINDS:-h1 h2}
 ROUTE=${ROUTE:-bare}
 PROXY=${PROXY:-outrigger}
 BIN=${BIN:-target/release/outrigger}
-[ "$PROXY" = haproxy ] || [ -x "$BIN" ] || cargo build --release --bin outrigger
+if [ "$PROXY" = haproxy ]; then
+  # The same HAProxy as the load harness; it has no policies or tracing.
+  [ "$ROUTE" = bare ] || { echo "callgrind.sh: PROXY=haproxy measures the bare route only" >&2; exit 1; }
+  HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+  [ -x "$HAPROXY" ] || { echo "callgrind.sh: haproxy not found" >&2; exit 1; }
+else
+  [ -x "$BIN" ] || cargo build --release --bin outrigger
+fi
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$tmp"/cg.* "$KEEP"/ ; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -84,7 +91,7 @@ backend b
   server s1 127.0.0.1:$UP
 EOF
     valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$kind" \
-      haproxy -f "$tmp/haproxy.cfg" >/dev/null 2>"$tmp/vg.$kind" &
+      "$HAPROXY" -f "$tmp/haproxy.cfg" >/dev/null 2>"$tmp/vg.$kind" &
     vg=$!
     ready=
     for _ in $(seq 600); do
@@ -123,11 +130,13 @@ EOF
   # HAProxy takes SIGINT as a soft stop that waits for idle connections.
   if [ "$PROXY" = haproxy ]; then kill -TERM "$vg"; else kill -INT "$vg"; fi
   wait "$vg" || true
-  total=$(callgrind_annotate "$tmp/cg.$kind" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t { gsub(",", "", $1); t = $1 } END { print t }')
   if [ "$PROXY" = haproxy ]; then
     # HAProxy's start-up reads the system CA store (~200 M): count its
     # event loop only, where every request is served.
     total=$(callgrind_annotate --inclusive=yes "$tmp/cg.$kind" 2>/dev/null | awk '/:run_poll_loop / && !t { gsub(",", "", $1); t = $1 } END { print t }')
+  else
+    total=$(callgrind_annotate "$tmp/cg.$kind" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t { gsub(",", "", $1); t = $1 } END { print t }')
   fi
+  [ -n "$total" ] || { echo "callgrind.sh: no count in $tmp/cg.$kind (run_poll_loop needs HAProxy's symbols)" >&2; exit 1; }
   echo "instructions: $PROXY $ROUTE $kind $total ($((total / N)) per request)"
 done

@@ -25,7 +25,9 @@ struct Common {
     #[arg(long, env = "OUTRIGGER_THREADS")]
     threads: Option<usize>,
     /// Log level when RUST_LOG is unset (trace, debug, info, warn, error,
-    /// off, or per-target directives such as `info,outrigger::proxy=debug`).
+    /// off, or per-target directives such as `info,outrigger::proxy=debug`;
+    /// release builds compile trace-level events out, so trace shows what
+    /// debug shows).
     #[arg(long, env = "OUTRIGGER_LOG_LEVEL", default_value = "info", value_parser = outrigger::telemetry::check_log_level)]
     log_level: String,
     /// Longest wait for in-flight requests on shutdown.
