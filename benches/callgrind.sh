@@ -72,24 +72,11 @@ for kind in $KINDS; do
   P=$(free_port)
   A=$(free_port)
   if [ "$PROXY" = haproxy ]; then
-    # The load harness's HAProxy: one thread, keep-alive to the upstream;
-    # h2c on its own port, as HAProxy needs `proto h2` to take it.
-    cat >"$tmp/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 300s
-  timeout server 300s
-  http-reuse always
-frontend f
-  bind 127.0.0.1:$P$([ "$kind" = h2 ] && echo " proto h2")
-  default_backend b
-backend b
-  server s1 127.0.0.1:$UP
-EOF
+    # The load harness's HAProxy (benches/haproxy.cfg); h2c on its own
+    # port, as HAProxy needs `proto h2` to take it.
+    bind="  bind 127.0.0.1:$P"
+    if [ "$kind" = h2 ]; then bind="$bind proto h2"; fi
+    sed -e "s|^@BINDS@\$|$bind|" -e "s|@UPSTREAM@|127.0.0.1:$UP|" benches/haproxy.cfg >"$tmp/haproxy.cfg"
     valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$kind" \
       "$HAPROXY" -f "$tmp/haproxy.cfg" >/dev/null 2>"$tmp/vg.$kind" &
     vg=$!

@@ -170,24 +170,12 @@ def proxy_nginx(tmp, core):
 
 def proxy_haproxy(tmp, core):
     conf = os.path.join(tmp, "haproxy.cfg")
+    # One config for both benches: benches/haproxy.cfg.
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "haproxy.cfg")) as f:
+        template = f.read()
+    binds = "  bind 127.0.0.1:%d\n  bind 127.0.0.1:%d proto h2" % (PROXY_PORT, H2_PORT)
     with open(conf, "w") as f:
-        f.write("""
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 300s
-  timeout server 300s
-  http-reuse always
-frontend f
-  bind 127.0.0.1:%d
-  bind 127.0.0.1:%d proto h2
-  default_backend b
-backend b
-  server s1 127.0.0.1:%d
-""" % (PROXY_PORT, H2_PORT, UP_PORT))
+        f.write(template.replace("@BINDS@", binds).replace("@UPSTREAM@", "127.0.0.1:%d" % UP_PORT))
     return Proc([binary("haproxy"), "-f", conf], core, PROXY_PORT)
 
 
