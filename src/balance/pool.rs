@@ -74,10 +74,89 @@ struct H1Conn {
     request_done: AtomicBool,
 }
 
+/// hyper's HTTP/1 client connection, the state machine that reads and
+/// writes the socket (with upgrades: a type hyper does not name).
+type H1Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// Who moves an HTTP/1 upstream connection on.
+enum Driver {
+    /// Whoever uses it: the request's future, then its response body.
+    Inline(H1Driver),
+    /// A task of its own: after an upgrade (the tunnel outlives the
+    /// response), or while the request body is still being sent after the
+    /// response came (the upload must not wait on the client reading).
+    Spawned,
+    /// The connection has ended.
+    Ended,
+}
+
 /// An HTTP/1 connection as the pool holds it.
+///
+/// The connection is driven by whoever uses it, not by a task of its own:
+/// a spawned connection task costs two more task wake-ups and polls per
+/// request (the request handed over, the response handed back). While
+/// idle in the pool nobody polls it: a peer's close is seen when the next
+/// request is handed to it (the socket's readiness was recorded meanwhile,
+/// so hyper reads the end before writing, and hands the request back), or
+/// by the cluster's sweep, every few seconds.
 struct Pooled {
     sender: http1::SendRequest<H1Body>,
+    driver: Driver,
     conn: Arc<H1Conn>,
+}
+
+impl Pooled {
+    /// Moves the connection on as far as it can go without waiting.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        drive(&mut self.driver, cx);
+    }
+
+    /// Whether the connection is still open. An inline one is polled
+    /// without a waker: one the peer closed while idle ends here.
+    fn alive(&mut self) -> bool {
+        self.drive(&mut quiet());
+        !matches!(self.driver, Driver::Ended) && !self.sender.is_closed()
+    }
+
+    /// Ready for a request: hyper's sender wants one once the connection
+    /// has gone idle, which takes a poll of the connection.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        if self.sender.is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        self.drive(cx);
+        self.sender.poll_ready(cx)
+    }
+
+    /// Hands the connection to a task of its own.
+    fn detach(&mut self) {
+        if let Driver::Inline(d) = std::mem::replace(&mut self.driver, Driver::Spawned) {
+            let held = self.conn.clone();
+            tokio::spawn(async move {
+                if let Err(e) = d.await {
+                    tracing::debug!(error = %e, "upstream http1 connection ended");
+                }
+                drop(held);
+            });
+        }
+    }
+}
+
+/// A context whose wake-ups go nowhere, for polls whose outcome the caller
+/// checks itself within the same poll.
+fn quiet() -> Context<'static> {
+    Context::from_waker(std::task::Waker::noop())
+}
+
+fn drive(driver: &mut Driver, cx: &mut Context<'_>) {
+    if let Driver::Inline(d) = driver
+        && let Poll::Ready(r) = d.as_mut().poll(cx)
+    {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "upstream http1 connection ended");
+        }
+        *driver = Driver::Ended;
+    }
 }
 
 /// A request body on an HTTP/1 upstream connection: marks the request
@@ -332,7 +411,7 @@ impl Endpoint {
                     Err(permit) => (Box::pin(self.connect_h1(permit)).await?, true),
                 },
             };
-            if let Err(source) = pooled.sender.ready().await {
+            if let Err(source) = std::future::poll_fn(|cx| pooled.poll_ready(cx)).await {
                 if fresh {
                     return Err(UpstreamError::Handshake {
                         addr: self.addr,
@@ -350,8 +429,37 @@ impl Endpoint {
             });
             // Latency is measured from the write, so connection set-up does not count against the endpoint.
             let start = Instant::now();
-            match pooled.sender.try_send_request(tracked).await {
+            let Pooled { sender, driver, .. } = &mut pooled;
+            let sent = sender.try_send_request(tracked);
+            let mut sent = std::pin::pin!(sent);
+            // The connection writes the request and reads the answer when
+            // polled, so it is polled here, on this task. Each hand-over
+            // through hyper's channels (the answer, the body's first bytes)
+            // wakes the waker the other side registered: this task's, for
+            // nothing, as the answer is looked for right after. So after
+            // the first poll (which writes the request) the connection is
+            // first driven without a waker, and with this task's waker only
+            // when the answer is not complete, to wait on the socket.
+            let mut first = true;
+            let answer = std::future::poll_fn(|cx| {
+                if matches!(driver, Driver::Spawned) {
+                    return sent.as_mut().poll(cx);
+                }
+                if !std::mem::take(&mut first) {
+                    drive(driver, &mut quiet());
+                    if let Poll::Ready(r) = sent.as_mut().poll(&mut quiet()) {
+                        return Poll::Ready(r);
+                    }
+                }
+                drive(driver, cx);
+                sent.as_mut().poll(&mut quiet())
+            })
+            .await;
+            match answer {
                 Ok(resp) => {
+                    if !pooled.conn.request_done.load(Relaxed) {
+                        pooled.detach();
+                    }
                     self.ewma.observe(start.elapsed());
                     let ret = PoolReturn {
                         pooled,
@@ -422,10 +530,16 @@ impl Endpoint {
         Ok(resp)
     }
 
+    /// The most recently used idle connection. One the peer closed while
+    /// idle is found out when the request is handed to it (hyper hands the
+    /// request back, unwritten, and `send_h1` tries the next one).
     fn checkout(&self) -> Option<Pooled> {
         let mut idle = self.idle.lock();
         while let Some(i) = idle.pop() {
-            if !i.pooled.sender.is_closed() && i.since.elapsed() < self.settings.idle_timeout {
+            if !matches!(i.pooled.driver, Driver::Ended)
+                && !i.pooled.sender.is_closed()
+                && i.since.elapsed() < self.settings.idle_timeout
+            {
                 return Some(i.pooled);
             }
         }
@@ -433,7 +547,7 @@ impl Endpoint {
     }
 
     fn checkin(&self, pooled: Pooled) {
-        if pooled.sender.is_closed() {
+        if matches!(pooled.driver, Driver::Ended) || pooled.sender.is_closed() {
             return;
         }
         if !pooled.conn.request_done.load(Relaxed) {
@@ -452,12 +566,18 @@ impl Endpoint {
         }
     }
 
-    /// Drops idle connections past their idle timeout.
+    /// Drops idle connections past their idle timeout or closed by the
+    /// endpoint.
     pub fn sweep(&self) {
         let limit = self.settings.idle_timeout;
-        self.idle
+        // Connections the peer closed are found by polling them (no
+        // system call unless the socket has news); closed outside the lock.
+        let gone: Vec<Idle> = self
+            .idle
             .lock()
-            .retain(|i| !i.pooled.sender.is_closed() && i.since.elapsed() < limit);
+            .extract_if(.., |i| i.since.elapsed() >= limit || !i.pooled.alive())
+            .collect();
+        drop(gone);
     }
 
     /// A plain TCP connection to the endpoint, within the connect timeout.
@@ -528,15 +648,9 @@ impl Endpoint {
             _permit: permit,
             request_done: AtomicBool::new(true),
         });
-        let held = shared.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream http1 connection ended");
-            }
-            drop(held);
-        });
         Ok(Pooled {
             sender,
+            driver: Driver::Inline(Box::pin(conn.with_upgrades())),
             conn: shared,
         })
     }
@@ -682,7 +796,10 @@ impl PooledBody {
     /// For upgraded connections: the connection now belongs to the tunnel,
     /// which holds this body (and with it the connection's permit).
     pub fn forget_connection(&mut self) {
-        self._tunnel = self.sender.take().map(|r| r.pooled.conn);
+        self._tunnel = self.sender.take().map(|mut r| {
+            r.pooled.detach();
+            r.pooled.conn
+        });
     }
 
     fn release(&mut self) {
@@ -709,7 +826,32 @@ impl Body for PooledBody {
             this.sender = None;
             return Poll::Ready(Some(Err(Box::new(crate::body::TotalTimeout))));
         }
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let r = match this.sender.as_mut() {
+            Some(ret) if matches!(ret.pooled.driver, Driver::Inline(_)) => {
+                // The body's bytes come from the connection, driven here. A
+                // hand-over through hyper's body channel wakes the other
+                // side's waker, which is this task's: so first a look, the
+                // connection and a second look without a waker, and only if
+                // that finds nothing, the two again with this task's waker
+                // (the connection then waits on its socket with it).
+                let inner = &mut this.inner;
+                let mut look = |cx: &mut Context<'_>| Pin::new(&mut *inner).poll_frame(cx);
+                match look(&mut quiet()) {
+                    Poll::Pending => {
+                        ret.pooled.drive(&mut quiet());
+                        match look(&mut quiet()) {
+                            Poll::Pending => {
+                                ret.pooled.drive(cx);
+                                look(cx)
+                            }
+                            ready => ready,
+                        }
+                    }
+                    ready => ready,
+                }
+            }
+            _ => Pin::new(&mut this.inner).poll_frame(cx),
+        };
         match &r {
             Poll::Ready(None) => {
                 this.done = true;
@@ -742,6 +884,142 @@ impl Drop for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    /// What the test app saw of one connection.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Accepted,
+        /// It half-closed the connection after an answer.
+        HalfClosed,
+        /// The proxy closed its side.
+        PeerClosed,
+    }
+
+    /// An app answering `ok` to every request head; with `half_close`, it
+    /// shuts its side after the first answer when `close` is notified (as
+    /// an idle timeout would), and reports when the proxy closes the
+    /// connection in turn.
+    async fn app(
+        half_close: bool,
+    ) -> (
+        SocketAddr,
+        mpsc::UnboundedReceiver<Seen>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let close = Arc::new(tokio::sync::Notify::new());
+        let told = close.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = tx.send(Seen::Accepted);
+                let tx = tx.clone();
+                let told = told.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => {
+                                let _ = tx.send(Seen::PeerClosed);
+                                return;
+                            }
+                        }
+                        while let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..e + 4);
+                            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await
+                                .unwrap();
+                            if half_close {
+                                told.notified().await;
+                                s.shutdown().await.unwrap();
+                                let _ = tx.send(Seen::HalfClosed);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, rx, close)
+    }
+
+    async fn get(ep: &Arc<Endpoint>) -> String {
+        let req = Request::builder().uri("/").body(ReqBody::empty()).unwrap();
+        let resp = ep.send(req, Proto::Http1, false, None).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    fn endpoint(addr: SocketAddr) -> Arc<Endpoint> {
+        let limits = Limits::new(&Default::default(), "pool-test");
+        Endpoint::new(addr, "pool-test", PoolSettings::default(), limits)
+    }
+
+    #[tokio::test]
+    async fn a_connection_serves_request_after_request() {
+        let (addr, mut seen, _) = app(false).await;
+        let ep = endpoint(addr);
+        for _ in 0..5 {
+            assert_eq!(get(&ep).await, "ok");
+        }
+        assert_eq!(seen.recv().await, Some(Seen::Accepted));
+        assert!(seen.try_recv().is_err(), "a second connection was made");
+        assert_eq!(ep.idle_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_while_idle_costs_no_request() {
+        let (addr, mut seen, close) = app(true).await;
+        let ep = endpoint(addr);
+        let mut log = Vec::new();
+        for round in 1..=3 {
+            assert_eq!(get(&ep).await, "ok", "request {round}");
+            assert_eq!(ep.idle_connections(), 1);
+            close.notify_one();
+            while log.iter().filter(|s| **s == Seen::HalfClosed).count() < round {
+                log.push(seen.recv().await.unwrap());
+            }
+            // The end of stream has reached the proxy's socket; the runtime
+            // records it when it next polls its driver, which it does
+            // before waking a yielded task.
+            tokio::task::yield_now().await;
+        }
+        // Each later request was handed to the closed connection first,
+        // came back unwritten and went on a new one; the old one was
+        // closed then.
+        while log.iter().filter(|s| **s == Seen::PeerClosed).count() < 2 {
+            log.push(seen.recv().await.unwrap());
+        }
+        let accepted = log.iter().filter(|s| **s == Seen::Accepted).count();
+        assert_eq!(accepted, 3, "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_a_connection_the_app_closed_while_idle() {
+        let (addr, mut seen, close) = app(true).await;
+        let ep = endpoint(addr);
+        assert_eq!(get(&ep).await, "ok");
+        assert_eq!(seen.recv().await, Some(Seen::Accepted));
+        close.notify_one();
+        assert_eq!(seen.recv().await, Some(Seen::HalfClosed));
+        // Nobody polls an idle connection: it stays until the sweep, which
+        // reads from the socket only once the runtime has recorded news on
+        // it (a yielded task is woken after the runtime polls its driver).
+        assert_eq!(ep.idle_connections(), 1);
+        let mut sweeps = 0;
+        while ep.idle_connections() == 1 {
+            tokio::task::yield_now().await;
+            ep.sweep();
+            sweeps += 1;
+            assert!(sweeps < 1000, "the sweep never saw the close");
+        }
+        assert_eq!(seen.recv().await, Some(Seen::PeerClosed));
+    }
 
     #[tokio::test]
     async fn an_abandoned_request_counts_against_the_endpoint() {
