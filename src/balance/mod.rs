@@ -308,49 +308,25 @@ pub struct TcpTunnel {
     ),
 }
 
-/// Closes idle upstream connections past their timeout or closed by the
-/// endpoint, and reviews ejections at the outlier interval; ends with the
-/// cluster. Idle connections are not watched by anyone between requests,
-/// so an endpoint's close is acted on within `SWEEP_AT_MOST` (or at the
-/// next checkout).
+/// Closes idle upstream connections past their timeout and reviews
+/// ejections; ends with the cluster.
 async fn maintain(cluster: Weak<Cluster>, idle: Duration) {
-    const SWEEP_AT_MOST: Duration = Duration::from_secs(5);
-    let every = |period| {
-        let mut i = tokio::time::interval(period);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is one period away, not at once.
-        i.reset();
-        i
-    };
-    let mut sweeps = every((idle / 2).clamp(Duration::from_millis(500), SWEEP_AT_MOST));
-    let mut reviews = cluster
+    let outlier_every = cluster
         .upgrade()
-        .and_then(|c| c.outlier.as_ref().map(|d| every(d.interval())));
-    loop {
-        let review = tokio::select! {
-            _ = sweeps.tick() => false,
-            _ = tick(&mut reviews) => true,
-        };
-        let Some(c) = cluster.upgrade() else { return };
-        if review {
-            if let Some(d) = &c.outlier {
-                d.sweep(&c.endpoints, health);
-            }
-        } else {
-            for e in &c.endpoints {
-                e.sweep();
-            }
-        }
+        .and_then(|c| c.outlier.as_ref().map(|d| d.interval()));
+    let mut period = (idle / 2).max(Duration::from_millis(500));
+    if let Some(o) = outlier_every {
+        period = period.min(o);
     }
-}
-
-/// The next tick of an optional interval; never without one.
-async fn tick(i: &mut Option<tokio::time::Interval>) {
-    match i {
-        Some(i) => {
-            i.tick().await;
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(c) = cluster.upgrade() else { return };
+        for e in &c.endpoints {
+            e.sweep();
         }
-        None => std::future::pending().await,
+        if let Some(d) = &c.outlier {
+            d.sweep(&c.endpoints, health);
+        }
     }
 }
 

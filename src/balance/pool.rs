@@ -74,89 +74,10 @@ struct H1Conn {
     request_done: AtomicBool,
 }
 
-/// hyper's HTTP/1 client connection, the state machine that reads and
-/// writes the socket (with upgrades: a type hyper does not name).
-type H1Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
-
-/// Who moves an HTTP/1 upstream connection on.
-enum Driver {
-    /// Whoever uses it: the request's future, then its response body.
-    Inline(H1Driver),
-    /// A task of its own: after an upgrade (the tunnel outlives the
-    /// response), or while the request body is still being sent after the
-    /// response came (the upload must not wait on the client reading).
-    Spawned,
-    /// The connection has ended.
-    Ended,
-}
-
 /// An HTTP/1 connection as the pool holds it.
-///
-/// The connection is driven by whoever uses it, not by a task of its own:
-/// a spawned connection task costs two more task wake-ups and polls per
-/// request (the request handed over, the response handed back). While
-/// idle in the pool nobody polls it: a peer's close is seen when the next
-/// request is handed to it (the socket's readiness was recorded meanwhile,
-/// so hyper reads the end before writing, and hands the request back), or
-/// by the cluster's sweep, every few seconds.
 struct Pooled {
     sender: http1::SendRequest<H1Body>,
-    driver: Driver,
     conn: Arc<H1Conn>,
-}
-
-impl Pooled {
-    /// Moves the connection on as far as it can go without waiting.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        drive(&mut self.driver, cx);
-    }
-
-    /// Whether the connection is still open. An inline one is polled
-    /// without a waker: one the peer closed while idle ends here.
-    fn alive(&mut self) -> bool {
-        self.drive(&mut quiet());
-        !matches!(self.driver, Driver::Ended) && !self.sender.is_closed()
-    }
-
-    /// Ready for a request: hyper's sender wants one once the connection
-    /// has gone idle, which takes a poll of the connection.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
-        if self.sender.is_ready() {
-            return Poll::Ready(Ok(()));
-        }
-        self.drive(cx);
-        self.sender.poll_ready(cx)
-    }
-
-    /// Hands the connection to a task of its own.
-    fn detach(&mut self) {
-        if let Driver::Inline(d) = std::mem::replace(&mut self.driver, Driver::Spawned) {
-            let held = self.conn.clone();
-            tokio::spawn(async move {
-                if let Err(e) = d.await {
-                    tracing::debug!(error = %e, "upstream http1 connection ended");
-                }
-                drop(held);
-            });
-        }
-    }
-}
-
-/// A context whose wake-ups go nowhere, for polls whose outcome the caller
-/// checks itself within the same poll.
-fn quiet() -> Context<'static> {
-    Context::from_waker(std::task::Waker::noop())
-}
-
-fn drive(driver: &mut Driver, cx: &mut Context<'_>) {
-    if let Driver::Inline(d) = driver
-        && let Poll::Ready(r) = d.as_mut().poll(cx)
-    {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "upstream http1 connection ended");
-        }
-        *driver = Driver::Ended;
-    }
 }
 
 /// A request body on an HTTP/1 upstream connection: marks the request
@@ -411,7 +332,7 @@ impl Endpoint {
                     Err(permit) => (Box::pin(self.connect_h1(permit)).await?, true),
                 },
             };
-            if let Err(source) = std::future::poll_fn(|cx| pooled.poll_ready(cx)).await {
+            if let Err(source) = pooled.sender.ready().await {
                 if fresh {
                     return Err(UpstreamError::Handshake {
                         addr: self.addr,
@@ -429,37 +350,8 @@ impl Endpoint {
             });
             // Latency is measured from the write, so connection set-up does not count against the endpoint.
             let start = Instant::now();
-            let Pooled { sender, driver, .. } = &mut pooled;
-            let sent = sender.try_send_request(tracked);
-            let mut sent = std::pin::pin!(sent);
-            // The connection writes the request and reads the answer when
-            // polled, so it is polled here, on this task. Each hand-over
-            // through hyper's channels (the answer, the body's first bytes)
-            // wakes the waker the other side registered: this task's, for
-            // nothing, as the answer is looked for right after. So after
-            // the first poll (which writes the request) the connection is
-            // first driven without a waker, and with this task's waker only
-            // when the answer is not complete, to wait on the socket.
-            let mut first = true;
-            let answer = std::future::poll_fn(|cx| {
-                if matches!(driver, Driver::Spawned) {
-                    return sent.as_mut().poll(cx);
-                }
-                if !std::mem::take(&mut first) {
-                    drive(driver, &mut quiet());
-                    if let Poll::Ready(r) = sent.as_mut().poll(&mut quiet()) {
-                        return Poll::Ready(r);
-                    }
-                }
-                drive(driver, cx);
-                sent.as_mut().poll(&mut quiet())
-            })
-            .await;
-            match answer {
+            match pooled.sender.try_send_request(tracked).await {
                 Ok(resp) => {
-                    if !pooled.conn.request_done.load(Relaxed) {
-                        pooled.detach();
-                    }
                     self.ewma.observe(start.elapsed());
                     let ret = PoolReturn {
                         pooled,
@@ -530,16 +422,10 @@ impl Endpoint {
         Ok(resp)
     }
 
-    /// The most recently used idle connection. One the peer closed while
-    /// idle is found out when the request is handed to it (hyper hands the
-    /// request back, unwritten, and `send_h1` tries the next one).
     fn checkout(&self) -> Option<Pooled> {
         let mut idle = self.idle.lock();
         while let Some(i) = idle.pop() {
-            if !matches!(i.pooled.driver, Driver::Ended)
-                && !i.pooled.sender.is_closed()
-                && i.since.elapsed() < self.settings.idle_timeout
-            {
+            if !i.pooled.sender.is_closed() && i.since.elapsed() < self.settings.idle_timeout {
                 return Some(i.pooled);
             }
         }
@@ -547,7 +433,7 @@ impl Endpoint {
     }
 
     fn checkin(&self, pooled: Pooled) {
-        if matches!(pooled.driver, Driver::Ended) || pooled.sender.is_closed() {
+        if pooled.sender.is_closed() {
             return;
         }
         if !pooled.conn.request_done.load(Relaxed) {
@@ -566,18 +452,12 @@ impl Endpoint {
         }
     }
 
-    /// Drops idle connections past their idle timeout or closed by the
-    /// endpoint.
+    /// Drops idle connections past their idle timeout.
     pub fn sweep(&self) {
         let limit = self.settings.idle_timeout;
-        // Connections the peer closed are found by polling them (no
-        // system call unless the socket has news); closed outside the lock.
-        let gone: Vec<Idle> = self
-            .idle
+        self.idle
             .lock()
-            .extract_if(.., |i| i.since.elapsed() >= limit || !i.pooled.alive())
-            .collect();
-        drop(gone);
+            .retain(|i| !i.pooled.sender.is_closed() && i.since.elapsed() < limit);
     }
 
     /// A plain TCP connection to the endpoint, within the connect timeout.
@@ -648,9 +528,15 @@ impl Endpoint {
             _permit: permit,
             request_done: AtomicBool::new(true),
         });
+        let held = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream http1 connection ended");
+            }
+            drop(held);
+        });
         Ok(Pooled {
             sender,
-            driver: Driver::Inline(Box::pin(conn.with_upgrades())),
             conn: shared,
         })
     }
@@ -796,10 +682,7 @@ impl PooledBody {
     /// For upgraded connections: the connection now belongs to the tunnel,
     /// which holds this body (and with it the connection's permit).
     pub fn forget_connection(&mut self) {
-        self._tunnel = self.sender.take().map(|mut r| {
-            r.pooled.detach();
-            r.pooled.conn
-        });
+        self._tunnel = self.sender.take().map(|r| r.pooled.conn);
     }
 
     fn release(&mut self) {
@@ -826,32 +709,7 @@ impl Body for PooledBody {
             this.sender = None;
             return Poll::Ready(Some(Err(Box::new(crate::body::TotalTimeout))));
         }
-        let r = match this.sender.as_mut() {
-            Some(ret) if matches!(ret.pooled.driver, Driver::Inline(_)) => {
-                // The body's bytes come from the connection, driven here. A
-                // hand-over through hyper's body channel wakes the other
-                // side's waker, which is this task's: so first a look, the
-                // connection and a second look without a waker, and only if
-                // that finds nothing, the two again with this task's waker
-                // (the connection then waits on its socket with it).
-                let inner = &mut this.inner;
-                let mut look = |cx: &mut Context<'_>| Pin::new(&mut *inner).poll_frame(cx);
-                match look(&mut quiet()) {
-                    Poll::Pending => {
-                        ret.pooled.drive(&mut quiet());
-                        match look(&mut quiet()) {
-                            Poll::Pending => {
-                                ret.pooled.drive(cx);
-                                look(cx)
-                            }
-                            ready => ready,
-                        }
-                    }
-                    ready => ready,
-                }
-            }
-            _ => Pin::new(&mut this.inner).poll_frame(cx),
-        };
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
             Poll::Ready(None) => {
                 this.done = true;
@@ -989,9 +847,8 @@ mod tests {
             // before waking a yielded task.
             tokio::task::yield_now().await;
         }
-        // Each later request was handed to the closed connection first,
-        // came back unwritten and went on a new one; the old one was
-        // closed then.
+        // The proxy closed each connection the app had closed, and no
+        // request went to one (each got its answer on a new one).
         while log.iter().filter(|s| **s == Seen::PeerClosed).count() < 2 {
             log.push(seen.recv().await.unwrap());
         }
@@ -1000,23 +857,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_sweep_closes_a_connection_the_app_closed_while_idle() {
+    async fn a_connection_the_app_closed_while_idle_leaves_the_pool() {
         let (addr, mut seen, close) = app(true).await;
         let ep = endpoint(addr);
         assert_eq!(get(&ep).await, "ok");
         assert_eq!(seen.recv().await, Some(Seen::Accepted));
         close.notify_one();
         assert_eq!(seen.recv().await, Some(Seen::HalfClosed));
-        // Nobody polls an idle connection: it stays until the sweep, which
-        // reads from the socket only once the runtime has recorded news on
-        // it (a yielded task is woken after the runtime polls its driver).
-        assert_eq!(ep.idle_connections(), 1);
+        // The connection's task reads the end once the runtime has polled
+        // its driver (a yielded task is woken after that) and closes; the
+        // sweep then takes it out of the pool.
         let mut sweeps = 0;
         while ep.idle_connections() == 1 {
             tokio::task::yield_now().await;
             ep.sweep();
             sweeps += 1;
-            assert!(sweeps < 1000, "the sweep never saw the close");
+            assert!(sweeps < 1000, "the closed connection stayed in the pool");
         }
         assert_eq!(seen.recv().await, Some(Seen::PeerClosed));
     }
