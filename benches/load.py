@@ -110,6 +110,25 @@ def cpu_seconds(pids):
     return total / TICK
 
 
+def wakeups(pids):
+    """Voluntary context switches: how often the processes slept and were woken."""
+    total = 0
+    for p in pids:
+        try:
+            with open("/proc/%d/status" % p) as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# The upstream app (NGINX), whose own cost per request a proxy changes too:
+# the harder a proxy's writes are to batch, the more often the app is woken.
+APP = []
+
+
 def rss_mib(pids):
     total = 0
     for p in pids:
@@ -364,9 +383,10 @@ def measure_load(target, cmd, pids_fn):
 
     t = threading.Thread(target=sample)
     t.start()
-    c0 = cpu_seconds(pids)
+    app = APP[0].pids() if APP else []
+    c0, a0, w0 = cpu_seconds(pids), cpu_seconds(app), wakeups(app)
     out = sh(cmd)
-    c1 = cpu_seconds(pids)
+    c1, a1, w1 = cpu_seconds(pids), cpu_seconds(app), wakeups(app)
     stop.set()
     t.join()
     if "wrk" in cmd[2:4]:
@@ -375,7 +395,9 @@ def measure_load(target, cmd, pids_fn):
         reqs, rps = parse_h2load(out)
         errors = 0
     cpu_us = (c1 - c0) * 1e6 / max(reqs, 1)
-    return {"requests": reqs, "rps": rps, "errors": errors, "cpu_us_per_req": cpu_us, "rss_load_mib": rss_peak[0]}
+    n = max(reqs, 1)
+    return {"requests": reqs, "rps": rps, "errors": errors, "cpu_us_per_req": cpu_us, "rss_load_mib": rss_peak[0],
+            "app_cpu_us_per_req": (a1 - a0) * 1e6 / n, "app_wakeups_per_req": (w1 - w0) / n}
 
 
 def open_loop(port, rate, duration, load_core, tmp):
@@ -549,6 +571,12 @@ def markdown(res, meta):
             name, f(h1, "rps"), f(h1, "cpu_us_per_req", "%.1f"), f(h2, "rps"), f(h2, "cpu_us_per_req", "%.1f"),
             "%.1f" % r["rss_idle_mib"] if "rss_idle_mib" in r else "–", f(h1, "rss_load_mib", "%.1f"),
             f(lat, "p50_us"), f(lat, "p90_us"), f(lat, "p99_us"), f(lat, "p999_us"), f(lat, "max_us")))
+    app = [(n, res[n]["http1"]) for n in ("direct", "outrigger", "outrigger-base", "nginx", "haproxy")
+           if "app_cpu_us_per_req" in res.get(n, {}).get("http1", {})]
+    if app:
+        lines.append("")
+        lines.append("The app (the upstream NGINX) behind each, HTTP/1.1: CPU µs and wake-ups per request: " + "; ".join(
+            "%s %.1f, %.3f" % (n, h1["app_cpu_us_per_req"], h1["app_wakeups_per_req"]) for n, h1 in app) + ".")
     mesh, mtls = res.get("outrigger-mesh", {}), res.get("outrigger-mesh-mtls", {})
     if mesh and mtls:
         lines.append("")
@@ -640,6 +668,7 @@ def main():
     proxy_core, load_core = cores()
     tmp = tempfile.mkdtemp(prefix="outrigger-bench-")
     up = upstream_nginx(tmp, load_core)
+    APP.append(up)
     SpanSink()
     rounds = []
     wanted = args.only.split(",") if args.only else None
