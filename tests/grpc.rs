@@ -121,24 +121,35 @@ clusters:
     assert_eq!(out["code"], "UNIMPLEMENTED", "{out}");
 }
 
-#[test]
-fn grpc_deadline_is_answered_with_deadline_exceeded() {
-    let server = grpc_server();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_deadline_is_answered_with_deadline_exceeded() {
+    // An app that never answers and knows nothing of deadlines: a gRPC
+    // server would also be told the route's 300 ms (`grpc-timeout`) and
+    // could answer DEADLINE_EXCEEDED itself a moment before the proxy.
+    let app = Upstream::start("hangs").await;
+    app.set_faults(support::upstream::Faults {
+        hang: true,
+        ..Default::default()
+    });
     let yaml = format!(
         r#"
 listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]
 routes:
   - {{ name: grpc, match: {{ host: echo.grpc }}, backends: [ {{ cluster: echo }} ], timeout: 300ms }}
 clusters:
-  - {{ name: echo, protocol: http2, endpoints: [ {{ address: 127.0.0.1:{} }} ] }}
+  - {{ name: echo, protocol: http2, endpoints: [ {{ address: {} }} ] }}
 "#,
-        server.1
+        app.addr
     );
     let p = ProxyProc::start(&yaml);
-    // The client allows 10 s; the route allows 300 ms: the proxy answers first.
-    let out = grpc_client("slow", p.addr("out"), "echo.grpc");
+    // The client allows 10 s; the route allows 300 ms: the proxy answers.
+    let addr = p.addr("out");
+    let out = tokio::task::spawn_blocking(move || grpc_client("slow", addr, "echo.grpc"))
+        .await
+        .unwrap();
     assert_eq!(out["code"], "DEADLINE_EXCEEDED", "{out}");
     assert_eq!(out["details"], "timeout");
+    assert_eq!(app.hits(), 1);
     assert_eq!(
         p.metric(
             "outrigger_timeouts_total",

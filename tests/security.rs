@@ -117,18 +117,7 @@ async fn lingering_upstream() -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
-                loop {
-                    let end = loop {
-                        if let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break e + 4;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end);
+                while let Some(head) = support::upstream::read_head(&mut s, &mut buf).await {
                     let mut left: usize = head
                         .lines()
                         .find_map(|l| {

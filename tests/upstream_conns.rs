@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 fn config(app: std::net::SocketAddr) -> String {
@@ -41,19 +41,7 @@ async fn raw_app(close_after: bool) -> RawApp {
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let end = loop {
-                        if let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break e + 4;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end);
+                while let Some(head) = support::upstream::read_head(&mut s, &mut buf).await {
                     let answer: &[u8] = if head.starts_with("head ") {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
                     } else if head.starts_with("get /204 ") {

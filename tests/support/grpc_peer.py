@@ -17,12 +17,6 @@ def unary(request, context):
     return b"echo:" + request
 
 
-def slow(request, context):
-    import time
-    time.sleep(3)
-    return b"late"
-
-
 def stream(request, context):
     for i in range(int(request.decode())):
         yield b"msg-%d" % i
@@ -34,7 +28,6 @@ def server():
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
-            "Slow": grpc.unary_unary_rpc_method_handler(slow),
         },
     )
     from concurrent import futures

@@ -367,6 +367,26 @@ impl RawUpstream {
     }
 }
 
+/// Reads one request head from a hand-written app's connection: the head,
+/// lower-cased, taken out of `buf` (what follows stays: a body, the next
+/// request); `None` at the end of the stream.
+pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break e + 4;
+        }
+        match s.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    buf.drain(..end);
+    Some(head)
+}
+
 /// A TCP echo server (a CONNECT target).
 pub async fn tcp_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
