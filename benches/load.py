@@ -26,6 +26,7 @@ Writes benches/results/latest.{md,json,svg} and prints a sizing line.
   python3 benches/load.py --rounds 1 --duration 3   # quick look
 """
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -111,16 +112,18 @@ def cpu_seconds(pids):
 
 
 def wakeups(pids):
-    """Voluntary context switches: how often the processes slept and were woken."""
+    """Voluntary context switches of every thread: how often the processes
+    slept and were woken."""
     total = 0
     for p in pids:
-        try:
-            with open("/proc/%d/status" % p) as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
+        for status in glob.glob("/proc/%d/task/*/status" % p):
+            try:
+                with open(status) as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
     return total
 
 
@@ -372,7 +375,9 @@ def parse_h2load(out):
 
 
 def measure_load(target, cmd, pids_fn):
-    """Runs one load command; returns (requests, rps, errors, cpu_us_per_req, rss_load_mib)."""
+    """Runs one load command; returns its figures: requests, rps, errors, the
+    proxy's CPU per request and peak RSS, and the app's CPU and wake-ups per
+    request."""
     pids = pids_fn()
     rss_peak = [rss_mib(pids)]
     stop = threading.Event()
@@ -394,9 +399,8 @@ def measure_load(target, cmd, pids_fn):
     else:
         reqs, rps = parse_h2load(out)
         errors = 0
-    cpu_us = (c1 - c0) * 1e6 / max(reqs, 1)
     n = max(reqs, 1)
-    return {"requests": reqs, "rps": rps, "errors": errors, "cpu_us_per_req": cpu_us, "rss_load_mib": rss_peak[0],
+    return {"requests": reqs, "rps": rps, "errors": errors, "cpu_us_per_req": (c1 - c0) * 1e6 / n, "rss_load_mib": rss_peak[0],
             "app_cpu_us_per_req": (a1 - a0) * 1e6 / n, "app_wakeups_per_req": (w1 - w0) / n}
 
 
@@ -571,7 +575,7 @@ def markdown(res, meta):
             name, f(h1, "rps"), f(h1, "cpu_us_per_req", "%.1f"), f(h2, "rps"), f(h2, "cpu_us_per_req", "%.1f"),
             "%.1f" % r["rss_idle_mib"] if "rss_idle_mib" in r else "–", f(h1, "rss_load_mib", "%.1f"),
             f(lat, "p50_us"), f(lat, "p90_us"), f(lat, "p99_us"), f(lat, "p999_us"), f(lat, "max_us")))
-    app = [(n, res[n]["http1"]) for n in ("direct", "outrigger", "outrigger-base", "nginx", "haproxy")
+    app = [(n, res[n]["http1"]) for n in ("outrigger", "outrigger-base", "nginx", "haproxy")
            if "app_cpu_us_per_req" in res.get(n, {}).get("http1", {})]
     if app:
         lines.append("")

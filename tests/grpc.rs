@@ -144,7 +144,7 @@ clusters:
     let p = ProxyProc::start(&yaml);
     // The client allows 10 s; the route allows 300 ms: the proxy answers.
     let addr = p.addr("out");
-    let out = tokio::task::spawn_blocking(move || grpc_client("slow", addr, "echo.grpc"))
+    let out = tokio::task::spawn_blocking(move || grpc_client("hang", addr, "echo.grpc"))
         .await
         .unwrap();
     assert_eq!(out["code"], "DEADLINE_EXCEEDED", "{out}");

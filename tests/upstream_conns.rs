@@ -108,7 +108,12 @@ async fn an_app_closing_idle_connections_costs_no_request() {
             );
             assert_eq!(r.text(), "ok");
             // The app has closed the connection the proxy holds idle.
-            app.closed.recv().await.unwrap();
+            // (Loopback puts the end of stream in the proxy's socket within
+            // the app's close, before the next request is sent.)
+            tokio::time::timeout(READY_TIMEOUT, app.closed.recv())
+                .await
+                .expect("the app did not close")
+                .unwrap();
         }
     }
     assert_eq!(app.accepted.load(Ordering::SeqCst), 20);
@@ -185,6 +190,10 @@ async fn ping_pong(
         assert_eq!(String::from_utf8_lossy(&got), want);
     }
     drop(tx);
-    let rest = body.collect().await.unwrap().to_bytes();
+    let rest = tokio::time::timeout(READY_TIMEOUT, body.collect())
+        .await
+        .expect("the echo did not end")
+        .unwrap()
+        .to_bytes();
     assert!(rest.is_empty());
 }

@@ -74,7 +74,8 @@ if __name__ == "__main__":
         server()
     elif mode == "client":
         client(sys.argv[2], sys.argv[3])
-    elif mode == "slow":
-        client_error(sys.argv[2], sys.argv[3], "Slow")
+    elif mode == "hang":
+        # For an app that never answers: the call waits on the proxy.
+        client_error(sys.argv[2], sys.argv[3], "Hang")
     else:
         client_error(sys.argv[2], sys.argv[3])
