@@ -111,20 +111,23 @@ def cpu_seconds(pids):
     return total / TICK
 
 
-def wakeups(pids):
-    """Voluntary context switches of every thread: how often the processes
-    slept and were woken."""
-    total = 0
-    for p in pids:
-        for status in glob.glob("/proc/%d/task/*/status" % p):
+def switches(pids):
+    """Context switches of every thread of the processes: (voluntary: slept
+    and was woken, involuntary: preempted, threads)."""
+    vol = invol = threads = 0
+    for pid in pids:
+        for st in glob.glob("/proc/%d/task/*/status" % pid):
             try:
-                with open(status) as f:
+                with open(st) as f:
                     for line in f:
                         if line.startswith("voluntary_ctxt_switches"):
-                            total += int(line.split()[1])
+                            vol += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches"):
+                            invol += int(line.split()[1])
+                threads += 1
             except OSError:
                 pass
-    return total
+    return vol, invol, threads
 
 
 # The upstream app (NGINX), whose own cost per request a proxy changes too:
@@ -389,9 +392,9 @@ def measure_load(target, cmd, pids_fn):
     t = threading.Thread(target=sample)
     t.start()
     app = APP[0].pids() if APP else []
-    c0, a0, w0 = cpu_seconds(pids), cpu_seconds(app), wakeups(app)
+    c0, a0, w0 = cpu_seconds(pids), cpu_seconds(app), switches(app)[0]
     out = sh(cmd)
-    c1, a1, w1 = cpu_seconds(pids), cpu_seconds(app), wakeups(app)
+    c1, a1, w1 = cpu_seconds(pids), cpu_seconds(app), switches(app)[0]
     stop.set()
     t.join()
     if "wrk" in cmd[2:4]:

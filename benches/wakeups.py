@@ -9,7 +9,6 @@ request over an open-loop run at 2,000 req/s, and that run's latency.
 Same setup as benches/load.py (it borrows its parts): NGINX upstream and load
 generator on core 1, the proxy alone on core 0, one worker.
 """
-import glob
 import os
 import sys
 import tempfile
@@ -18,23 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load as L  # noqa: E402
 
 RATE, SECONDS, WARM_UP = 2000, 5, 1
-
-
-def switches(pids):
-    vol = invol = threads = 0
-    for pid in pids:
-        for st in glob.glob("/proc/%d/task/*/status" % pid):
-            try:
-                with open(st) as f:
-                    for line in f:
-                        if line.startswith("voluntary_ctxt_switches"):
-                            vol += int(line.split()[1])
-                        elif line.startswith("nonvoluntary_ctxt_switches"):
-                            invol += int(line.split()[1])
-                threads += 1
-            except OSError:
-                pass
-    return vol, invol, threads
 
 
 def main():
@@ -47,9 +29,9 @@ def main():
             p = L.proxy_outrigger(tmp, "0") if name == "outrigger" else L.proxy_haproxy(tmp, "0")
             try:
                 pids = L.pids_of(p.p.pid)
-                v0, i0, _ = switches(pids)
+                v0, i0, _ = L.switches(pids)
                 lat = L.open_loop(L.PROXY_PORT, RATE, SECONDS, "1", tmp)
-                v1, i1, threads = switches(pids)
+                v1, i1, threads = L.switches(pids)
                 # The counts include h2load's warm-up second.
                 n = max(lat["samples"], 1) * (SECONDS + WARM_UP) / SECONDS
                 print("%-10s threads %d  voluntary switches/request %.2f  involuntary %.3f  p50 %d  p99 %d  p99.9 %d us" % (
