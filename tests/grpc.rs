@@ -126,11 +126,7 @@ async fn grpc_deadline_is_answered_with_deadline_exceeded() {
     // An app that never answers and knows nothing of deadlines: a gRPC
     // server would also be told the route's 300 ms (`grpc-timeout`) and
     // could answer DEADLINE_EXCEEDED itself a moment before the proxy.
-    let app = Upstream::start("hangs").await;
-    app.set_faults(support::upstream::Faults {
-        hang: true,
-        ..Default::default()
-    });
+    let app = Upstream::hanging("hangs").await;
     let yaml = format!(
         r#"
 listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0 }} ]

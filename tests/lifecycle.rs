@@ -314,11 +314,7 @@ async fn the_outbound_side_outlives_the_inbound_side_on_shutdown() {
 /// the upstream took to its first byte when it answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_names_the_upstream_of_a_timeout_and_the_time_to_first_byte() {
-    let hung = Upstream::start("hung").await;
-    hung.set_faults(support::upstream::Faults {
-        hang: true,
-        ..Default::default()
-    });
+    let hung = Upstream::hanging("hung").await;
     let app = Upstream::start("app").await;
     let p = ProxyProc::start(&format!(
         "listeners: [ {{ name: out, role: outbound, address: 127.0.0.1:0, access_log: true }} ]\nroutes:\n  - {{ name: stuck, match: {{ host: stuck }}, backends: [ {{ cluster: hung }} ], timeout: 200ms }}\n  - {{ name: ok, backends: [ {{ cluster: app }} ] }}\nclusters:\n  - {{ name: hung, endpoints: [ {{ address: {} }} ] }}\n  - {{ name: app, endpoints: [ {{ address: {} }} ] }}\n",

@@ -77,6 +77,16 @@ impl Upstream {
         Self::with(name, UpstreamOpts::default()).await
     }
 
+    /// An upstream that accepts requests and never answers them.
+    pub async fn hanging(name: &str) -> Upstream {
+        let u = Self::start(name).await;
+        u.set_faults(Faults {
+            hang: true,
+            ..Default::default()
+        });
+        u
+    }
+
     pub async fn with(name: &str, opts: UpstreamOpts) -> Upstream {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         Self::on(l, name, opts)
