@@ -43,6 +43,8 @@ RESULTS = os.path.join(ROOT, "benches", "results")
 UP_PORT, PROXY_PORT, H2_PORT, SIDECAR2_PORT = 18500, 18501, 18503, 18502
 BODY = "x" * 63 + "\n"  # 64 bytes
 TICK = os.sysconf("SC_CLK_TCK")
+# The Outrigger build every Outrigger row runs (--bin; outrigger-base is --base-bin).
+EXE = os.path.join(ROOT, "target", "release", "outrigger")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -253,7 +255,7 @@ def proxy_outrigger(tmp, core, policies=False, sampling=None, threads="1", cgrou
     cgroup: a directory the proxy joins before it starts; exe: another build
     (--base-bin) instead of this tree's."""
     path = outrigger_yaml(tmp, "outrigger", ["{ name: out, role: outbound, address: 127.0.0.1:%d }" % PROXY_PORT], 18510, policies, sampling)
-    exe = exe or os.path.join(ROOT, "target", "release", "outrigger")
+    exe = exe or EXE
     cmd = [exe, "run", "--config", path, "--log-level", "error"] + (["--threads", threads] if threads else [])
     if cgroup:
         cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup] + cmd
@@ -306,7 +308,7 @@ TD = "bench.local"
 
 def mesh_certs(tmp):
     """A CA and two workload certificates (caller, callee) made with `outrigger ca`."""
-    exe = os.path.join(ROOT, "target", "release", "outrigger")
+    exe = EXE
     ca = os.path.join(tmp, "ca")
     if not os.path.exists(os.path.join(ca, "ca.pem")):
         sh([exe, "ca", "init", ca, "--trust-domain", TD])
@@ -324,7 +326,7 @@ class Mesh:
     in plaintext or with mTLS between the two sidecars."""
 
     def __init__(self, tmp, core, mtls=False):
-        exe = os.path.join(ROOT, "target", "release", "outrigger")
+        exe = EXE
         certs = mesh_certs(tmp) if mtls else None
         inbound = os.path.join(tmp, "inbound.yaml")
         with open(inbound, "w") as f:
@@ -613,6 +615,8 @@ def markdown(res, meta):
     lines.append("Medians of %d interleaved rounds, %d s per measurement, one proxy worker pinned to one core; "
                  "open-loop latency at %d req/s (h2load --h1 --rps). Machine: %s, %s cores. %s." % (
                      meta["rounds"], meta["duration"], meta["rate"], meta["cpu"], meta["cores"], meta["date"]))
+    if meta.get("bin"):
+        lines[-1] += " Outrigger rows: `%s`%s." % (meta["bin"], "; outrigger-base: `%s`" % meta["base_bin"] if meta.get("base_bin") else "")
     return "\n".join(lines)
 
 
@@ -668,8 +672,14 @@ def main():
     ap.add_argument("--only", help="comma-separated subjects (direct,outrigger,nginx,haproxy,outrigger-mesh,outrigger-mesh-mtls,outrigger-policies,outrigger-trace-100,outrigger-trace-1,outrigger-2w,outrigger-quota,outrigger-quota-2w; outrigger-base with --base-bin)")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--base-bin", help="another outrigger binary, measured as the row outrigger-base (before/after a change)")
+    ap.add_argument("--bin", help="the outrigger binary of every Outrigger row (default: target/release/outrigger, built "
+                    "first; a PGO build from benches/pgo.sh is target/pgo/outrigger)")
     args = ap.parse_args()
     ensure_tools()
+    global EXE
+    if args.bin:
+        EXE = os.path.abspath(args.bin)
+        args.no_build = True
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--bin", "outrigger"], cwd=ROOT, check=True)
     proxy_core, load_core = cores()
@@ -700,7 +710,8 @@ def main():
                 cpu = line.split(":", 1)[1].strip()
                 break
     meta = {"rounds": args.rounds, "duration": args.duration, "rate": args.rate, "cpu": cpu, "cores": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "bin": os.path.relpath(EXE, ROOT), "base_bin": args.base_bin}
     size = sizing(res, args.sidecar_rate)
     os.makedirs(RESULTS, exist_ok=True)
     # A partial run (--only) must not replace the full run the README quotes.
