@@ -6,8 +6,18 @@
 # untouched). Takes two full release builds (~25 min on 2 cores).
 #
 #   bash benches/pgo.sh
-#   python3 benches/load.py --base-bin target/release/outrigger   # after copying target/pgo/outrigger over it, or:
+#   python3 benches/load.py --bin target/pgo/outrigger --base-bin target/release/outrigger
 #   BIN=target/pgo/outrigger bash benches/callgrind.sh
+#
+# For the container image (static, as .ci/docker.sh builds it; RUSTFLAGS
+# from the environment go into both builds, so the counts match the code):
+#   RUSTFLAGS="-C target-feature=+crt-static" bash benches/pgo.sh
+#   docker build --target runtime-prebuilt \
+#     --build-arg PREBUILT=target/pgo/x86_64-unknown-linux-gnu/release/outrigger -t outrigger .
+#
+# The counts belong to the sources they were taken from: run it again on
+# the sources being released (functions changed since are compiled without
+# counts, as in a plain build).
 #
 # The training load: one proxy in front of NGINX (64-byte body) with an
 # outbound listener and an inbound one with mutual TLS; HTTP/1.1 (wrk) and
@@ -43,7 +53,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$raw" "$tmp"' EXIT
 # cargo's cache, stay the same from one run to the next.
 gen=${PGO_GEN_BIN:-target/pgo-gen/$HOST/release/outrigger}
 if [ -z "${PGO_GEN_BIN:-}" ]; then
-  RUSTFLAGS="-Cprofile-generate=$PWD/target/pgo-gen/profraw" cargo build --release --locked --bin outrigger \
+  RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PWD/target/pgo-gen/profraw" cargo build --release --locked --bin outrigger \
     --target "$HOST" --target-dir target/pgo-gen
 fi
 export LLVM_PROFILE_FILE="$raw/outrigger-%p.profraw"
@@ -105,7 +115,7 @@ wait "$px" || true  # the counts are written at exit
 
 # 3. The release build with the counts (functions the training never ran
 # are compiled as usual).
-RUSTFLAGS="-Cprofile-use=$PWD/$OUT/outrigger.profdata" cargo build --release --locked --bin outrigger \
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PWD/$OUT/outrigger.profdata" cargo build --release --locked --bin outrigger \
   --target "$HOST" --target-dir target/pgo
 cp "target/pgo/$HOST/release/outrigger" "$OUT/outrigger"
 echo "pgo.sh: $OUT/outrigger"
