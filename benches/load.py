@@ -679,7 +679,9 @@ def main():
     global EXE
     if args.bin:
         EXE = os.path.abspath(args.bin)
-        args.no_build = True
+        args.no_build = True  # the rows run the given build; build --base-bin yourself too
+    if args.base_bin:
+        args.base_bin = os.path.abspath(args.base_bin)
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--bin", "outrigger"], cwd=ROOT, check=True)
     proxy_core, load_core = cores()
@@ -711,7 +713,7 @@ def main():
                 break
     meta = {"rounds": args.rounds, "duration": args.duration, "rate": args.rate, "cpu": cpu, "cores": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "bin": os.path.relpath(EXE, ROOT), "base_bin": args.base_bin}
+            "bin": os.path.relpath(EXE, ROOT), "base_bin": args.base_bin and os.path.relpath(args.base_bin, ROOT)}
     size = sizing(res, args.sidecar_rate)
     os.makedirs(RESULTS, exist_ok=True)
     # A partial run (--only) must not replace the full run the README quotes.
@@ -723,7 +725,8 @@ def main():
         f.write(md + "\n")
     with open(os.path.join(RESULTS, stem + ".svg"), "w") as f:
         f.write(svg(res))
-    if not args.only:
+    # The chart's sizing comes from full runs of this tree's plain build.
+    if not args.only and not args.bin:
         write_chart(size)
     print(md)
     if "haproxy" in res and "outrigger" in res:

@@ -3,7 +3,7 @@
 # serves a training load, and the release build is compiled again with the
 # counts, so that LLVM lays out and inlines the hot paths for what a sidecar
 # does. Result: target/pgo/outrigger (the plain target/release/outrigger is
-# untouched). Takes two full release builds (~25 min on 2 cores).
+# untouched). Takes two full release builds (~27 min on 2 cores).
 #
 #   bash benches/pgo.sh
 #   python3 benches/load.py --bin target/pgo/outrigger --base-bin target/release/outrigger
@@ -49,18 +49,22 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$raw" "$tmp"' EXIT
 
 # 1. Instrumented build (PGO_GEN_BIN=path reuses one). --target keeps build
 # scripts and proc macros (which run on the host) out of RUSTFLAGS; the
-# profile's path is set at run time (LLVM_PROFILE_FILE), so the flags, and
-# cargo's cache, stay the same from one run to the next.
+# profile's path is set at run time (LLVM_PROFILE_FILE, for the proxy
+# only), so the flags, and cargo's cache, stay the same from one run to the
+# next.
 gen=${PGO_GEN_BIN:-target/pgo-gen/$HOST/release/outrigger}
 if [ -z "${PGO_GEN_BIN:-}" ]; then
   RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PWD/target/pgo-gen/profraw" cargo build --release --locked --bin outrigger \
     --target "$HOST" --target-dir target/pgo-gen
 fi
-export LLVM_PROFILE_FILE="$raw/outrigger-%p.profraw"
 
 # 2. Training.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port) P=$(free_port) IN=$(free_port) A=$(free_port)
+# Five distinct free ports, held open together while they are picked.
+read -r UP P IN A A1 < <(python3 -c '
+import socket
+ss = [socket.socket() for _ in range(5)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in ss])')
 mkdir -p "$tmp/nginx"
 cat >"$tmp/nginx.conf" <<EOF
 worker_processes 1; daemon off; pid $tmp/nginx.pid; error_log $tmp/nginx/error.log;
@@ -71,11 +75,17 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$UP; location / { return 200 "$(printf 'x%.0s' $(seq 63))\n"; } } }
 EOF
 nginx -c "$tmp/nginx.conf" -p "$tmp" &
+ngx=$!
+for _ in $(seq 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$UP/" && break
+  kill -0 "$ngx" 2>/dev/null || { cat "$tmp/nginx/error.log" >&2; exit 1; }
+  sleep 0.1
+done
 TD=pgo.local
 "$gen" ca init "$tmp/ca" --trust-domain "$TD" >/dev/null
 "$gen" ca issue --ca "$tmp/ca" --spiffe "spiffe://$TD/ns/pgo/sa/proxy" --out "$tmp/id" >/dev/null
 cat >"$tmp/c.yaml" <<EOF
-admin: { address: 127.0.0.1:$A, probes: 127.0.0.1:$((A + 1)) }
+admin: { address: 127.0.0.1:$A, probes: 127.0.0.1:$A1 }
 identity: { trust_domain: $TD, source: { files: { cert: $tmp/id/cert.pem, key: $tmp/id/key.pem, roots: $tmp/id/roots.pem } } }
 listeners:
   - { name: out, role: outbound, address: 127.0.0.1:$P }
@@ -97,20 +107,28 @@ clusters:
     outlier_detection: { consecutive_5xx: 5 }
   - { name: mesh, endpoints: [ { address: 127.0.0.1:$IN, identity: "spiffe://$TD/ns/pgo/sa/proxy" } ] }
 EOF
-"$gen" run --config "$tmp/c.yaml" --threads 1 --log-level error >/dev/null 2>"$tmp/proxy.log" &
+LLVM_PROFILE_FILE="$raw/outrigger-%p.profraw" "$gen" run --config "$tmp/c.yaml" --threads 1 --log-level error >/dev/null 2>"$tmp/proxy.log" &
 px=$!
 for _ in $(seq 200); do
-  curl -sf -o /dev/null "http://127.0.0.1:$((A + 1))/ready" && break
+  curl -sf -o /dev/null "http://127.0.0.1:$A1/ready" && break
   kill -0 "$px" 2>/dev/null || { cat "$tmp/proxy.log" >&2; exit 1; }
   sleep 0.1
 done
 for host in bare.local policies.local mesh.local; do
-  curl -sf -o /dev/null -H "host: $host" "http://127.0.0.1:$P/" || { echo "pgo.sh: $host failed" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
-  wrk -t1 -c32 -d4s -H "host: $host" "http://127.0.0.1:$P/" >/dev/null
-  h2load -c16 -m10 -D 4 -H ":authority: $host" "http://127.0.0.1:$P/" >/dev/null
+  curl -sSf -o /dev/null -H "host: $host" "http://127.0.0.1:$P/" || { echo "pgo.sh: $host failed" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
+  # Training on error paths would optimise the wrong code: every answer must be a 200.
+  out=$(wrk -t1 -c32 -d4s -H "Host: $host" "http://127.0.0.1:$P/")
+  if grep -q -e 'Non-2xx' -e 'Socket errors' <<<"$out"; then echo "pgo.sh: $host over HTTP/1.1: $out" >&2; exit 1; fi
+  out=$(h2load -c16 -m10 -D 4 -H ":authority: $host" "http://127.0.0.1:$P/")
+  if ! grep -q ' 0 failed, 0 errored' <<<"$out" || ! grep -q 'status codes: [0-9]* 2xx, 0 3xx, 0 4xx, 0 5xx' <<<"$out"; then
+    echo "pgo.sh: $host over h2c: $out" >&2; exit 1
+  fi
 done
+# SIGINT: the proxy drains and exits, and the counts are written at exit.
 kill -INT "$px"
-wait "$px" || true  # the counts are written at exit
+wait "$px" || true
+kill "$ngx" 2>/dev/null || true
+ls "$raw"/outrigger-"$px".profraw >/dev/null || { echo "pgo.sh: the proxy wrote no profile" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
 "$PROFDATA" merge -o "$OUT/outrigger.profdata" "$raw"
 
 # 3. The release build with the counts (functions the training never ran
