@@ -74,13 +74,21 @@ http { access_log off; keepalive_requests 1000000;
   uwsgi_temp_path $tmp/nginx; scgi_temp_path $tmp/nginx;
   server { listen 127.0.0.1:$UP; location / { return 200 "$(printf 'x%.0s' $(seq 63))\n"; } } }
 EOF
+# Waits until URL answers 2xx, or fails with LOG if PID has exited (20 s at most).
+ready() {
+  local url=$1 pid=$2 log=$3
+  for _ in $(seq 200); do
+    curl -sf -o /dev/null "$url" && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "pgo.sh: $url never answered" >&2
+  cat "$log" >&2
+  exit 1
+}
 nginx -c "$tmp/nginx.conf" -p "$tmp" &
 ngx=$!
-for _ in $(seq 100); do
-  curl -s -o /dev/null "http://127.0.0.1:$UP/" && break
-  kill -0 "$ngx" 2>/dev/null || { cat "$tmp/nginx/error.log" >&2; exit 1; }
-  sleep 0.1
-done
+ready "http://127.0.0.1:$UP/" "$ngx" "$tmp/nginx/error.log"
 TD=pgo.local
 "$gen" ca init "$tmp/ca" --trust-domain "$TD" >/dev/null
 "$gen" ca issue --ca "$tmp/ca" --spiffe "spiffe://$TD/ns/pgo/sa/proxy" --out "$tmp/id" >/dev/null
@@ -109,11 +117,7 @@ clusters:
 EOF
 LLVM_PROFILE_FILE="$raw/outrigger-%p.profraw" "$gen" run --config "$tmp/c.yaml" --threads 1 --log-level error >/dev/null 2>"$tmp/proxy.log" &
 px=$!
-for _ in $(seq 200); do
-  curl -sf -o /dev/null "http://127.0.0.1:$A1/ready" && break
-  kill -0 "$px" 2>/dev/null || { cat "$tmp/proxy.log" >&2; exit 1; }
-  sleep 0.1
-done
+ready "http://127.0.0.1:$A1/ready" "$px" "$tmp/proxy.log"
 for host in bare.local policies.local mesh.local; do
   curl -sSf -o /dev/null -H "host: $host" "http://127.0.0.1:$P/" || { echo "pgo.sh: $host failed" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
   # Training on error paths would optimise the wrong code: every answer must be a 200.
