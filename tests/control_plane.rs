@@ -89,6 +89,37 @@ fn load(
     (stop, failed, done)
 }
 
+/// How many endpoints `p` has in its clusters named like `cluster`.
+fn endpoint_count(p: &ProxyProc, cluster: &str) -> usize {
+    let v: serde_json::Value =
+        serde_json::from_str(&http_get_raw(p.admin, "/clusters").1).unwrap_or_default();
+    v["clusters"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .filter(|c| c["name"].as_str().is_some_and(|n| n.contains(cluster)))
+                .map(|c| c["endpoints"].as_array().map_or(0, Vec::len))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `p`'s endpoint count for `cluster` satisfies `pred`.
+async fn endpoints_become(p: &ProxyProc, cluster: &str, pred: impl Fn(usize) -> bool) {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let n = endpoint_count(p, cluster);
+        if pred(n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{cluster}: still {n} endpoints"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn more(done: &AtomicUsize, n: usize) {
     let target = done.load(Ordering::SeqCst) + n;
     while done.load(Ordering::SeqCst) < target {
@@ -282,9 +313,11 @@ async fn proxies_outlive_their_control_plane_and_move_to_another_replica() {
     );
 }
 
-/// The only control plane dies and comes back on the same address:
-/// traffic flows meanwhile, every proxy reconnects, and an edit made
-/// while it was away reaches them all.
+/// The only control plane dies and comes back on the same address, and
+/// one service's proxy cannot reach it for a while: its callers keep
+/// sending to it (the endpoints held over a reconnect), every proxy comes
+/// back, and an edit made while the control plane was away reaches them
+/// all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
     let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
@@ -300,24 +333,47 @@ async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
     m.write("route.yaml", &split(100, 0));
     let listen = format!("127.0.0.1:{}", free_port());
     let mut cp = m.control_plane_at(&listen, &[]);
+    // orders-v2's proxy reaches the control plane through a gate.
+    let gate = Gate::start(listen.parse().unwrap()).await;
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
     let _b1 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
-    let _b2 = m.proxy(&[&cp], "orders-v2", "orders-v2", Some(&v2), "");
+    let (_b2, v2_node) = m.proxy_node_at(&[gate.addr], "orders-v2", "orders-v2", Some(&v2), "");
     let a = m.proxy(&[&cp], "web", "web", None, "");
     let c = TestClient::h1(a.addr("outbound"));
     until(&c, "orders", "v1 never answered", |r| r.text() == "v1").await;
+    // web knows orders-v2's endpoint before the control plane goes.
+    endpoints_become(&a, "orders-v2", |n| n > 0).await;
     let (stop, failed, done) = load(a.addr("outbound"), "orders");
+    gate.shut();
     cp.signal("KILL");
     cp.wait_exit();
     more(&done, 100).await;
-    // Edited while no control plane runs; it comes back with the edit.
+    // Edited while no control plane runs; it comes back with the edit and
+    // without orders-v2's registration.
     m.write("route.yaml", &split(0, 100));
     let cp = m.control_plane_at(&listen, &[]);
     let before = v2.hits();
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
     while v2.hits() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "web never sent to orders-v2; {} requests failed",
+            failed.load(Ordering::SeqCst)
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    more(&done, 50).await;
+    let n = nodes(&cp, "web");
+    assert!(
+        !n.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["node"] == v2_node.as_str() && x["connected"] == true),
+        "orders-v2 got through the gate: {n}"
+    );
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed");
+    gate.open();
     more(&done, 50).await;
     stop.store(true, Ordering::SeqCst);
     assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed");
@@ -336,6 +392,59 @@ async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
         assert!(std::time::Instant::now() < deadline, "{n}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The hold over a reconnect ends: a peer that never came back leaves its
+/// callers' endpoint sets (503 `no-endpoints`, not a connect to a pod that
+/// may be gone), and is back once it re-registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_held_over_a_reconnect_go_when_the_hold_ends() {
+    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
+    m.write(
+        "services.yaml",
+        &[
+            service("orders"),
+            service("orders-v1"),
+            service("orders-v2"),
+        ]
+        .join("---\n"),
+    );
+    m.write("route.yaml", &split(100, 0));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cp = m.control_plane_at(&listen, &[]);
+    let gate = Gate::start(listen.parse().unwrap()).await;
+    let v1 = Upstream::start("v1").await;
+    let _b1 = m
+        .proxy_node_at(&[gate.addr], "orders-v1", "orders-v1", Some(&v1), "")
+        .0;
+    let a = m.proxy(&[&cp], "web", "web", None, ", reconnect_hold: 1s");
+    let c = TestClient::h1(a.addr("outbound"));
+    until(&c, "orders", "v1 never answered", |r| r.text() == "v1").await;
+    gate.shut();
+    cp.signal("KILL");
+    cp.wait_exit();
+    let cp = m.control_plane_at(&listen, &[]);
+    // web is back on the new control plane, which never saw orders-v1.
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while !nodes(&cp, "web")
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["service"] == "web" && x["connected"] == true)
+    {
+        assert!(std::time::Instant::now() < deadline, "web never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    endpoints_become(&a, "orders-v1", |n| n == 0).await;
+    let r = get(&c, "orders", "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-outrigger-reason"), Some("no-endpoints"));
+    gate.open();
+    endpoints_become(&a, "orders-v1", |n| n > 0).await;
+    until(&c, "orders", "v1 never answered again", |r| {
+        r.text() == "v1"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

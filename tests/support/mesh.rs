@@ -121,11 +121,21 @@ impl Mesh {
         app: Option<&Upstream>,
         extra: &str,
     ) -> (ProxyProc, String) {
+        let addrs: Vec<std::net::SocketAddr> = cps.iter().map(|c| c.addr("cp")).collect();
+        self.proxy_node_at(&addrs, sa, service, app, extra)
+    }
+
+    /// `proxy_node`, fed by the control planes at `cps` (a relay, say).
+    pub fn proxy_node_at(
+        &self,
+        cps: &[std::net::SocketAddr],
+        sa: &str,
+        service: &str,
+        app: Option<&Upstream>,
+        extra: &str,
+    ) -> (ProxyProc, String) {
         let token = self.token_file(sa);
-        let urls: Vec<String> = cps
-            .iter()
-            .map(|c| format!("\"https://{}\"", c.addr("cp")))
-            .collect();
+        let urls: Vec<String> = cps.iter().map(|a| format!("\"https://{a}\"")).collect();
         let (inbound, app_port) = match app {
             Some(a) => (free_port(), a.addr.port()),
             None => (0, 0),

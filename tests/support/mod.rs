@@ -518,3 +518,46 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A TCP relay to one address that can be shut: while shut, it closes
+/// every new connection at once and the ones it relays. A network
+/// partition between one process and another, on loopback.
+pub struct Gate {
+    pub addr: SocketAddr,
+    open: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Gate {
+    pub async fn start(to: SocketAddr) -> Gate {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let open = Arc::new(tokio::sync::watch::Sender::new(true));
+        let o = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                let mut shut = o.subscribe();
+                if !*shut.borrow_and_update() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = shut.wait_for(|open| !open) => {}
+                    }
+                });
+            }
+        });
+        Gate { addr, open }
+    }
+
+    pub fn shut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
