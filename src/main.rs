@@ -129,6 +129,15 @@ enum Cmd {
         /// How long a gone proxy stays an endpoint (a reconnect, a blip).
         #[arg(long, env = "OUTRIGGER_GRACE", default_value = "5s", value_parser = dur)]
         grace: Duration,
+        /// Keep the proxies' registrations here, so that a restart pushes
+        /// the endpoints it had instead of waiting for every proxy.
+        #[arg(long, env = "OUTRIGGER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// How long a registration taken back at start waits for its
+        /// proxy: the proxies' longest reconnect backoff (30 s) and one
+        /// attempt's connect and TLS timeouts (5 s each).
+        #[arg(long, env = "OUTRIGGER_REREGISTER_WINDOW", default_value = "40s", value_parser = dur)]
+        reregister_window: Duration,
         /// Render plaintext meshes (no mTLS between sidecars).
         #[arg(long, env = "OUTRIGGER_NO_MTLS")]
         no_mtls: bool,
@@ -539,6 +548,8 @@ fn main() -> ExitCode {
             dns,
             cert_ttl,
             grace,
+            state_dir,
+            reregister_window,
             no_mtls,
             watch_interval,
             print_crds,
@@ -576,6 +587,8 @@ fn main() -> ExitCode {
                     dns,
                     cert_ttl,
                     grace,
+                    state_dir,
+                    reregister_window,
                     mtls: !no_mtls,
                     watch_interval,
                     webhook: webhook_listen.map(|listen| outrigger::control_plane::Webhook {

@@ -388,15 +388,6 @@ pub struct Feed {
     /// start while the control plane is away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
-    /// After a reconnect, the endpoints the proxy had stay beside the ones
-    /// the control plane sends for this long: peers whose reconnect backoff
-    /// (at most 30 s) is longer have not re-registered yet.
-    #[serde(default = "default_reconnect_hold")]
-    pub reconnect_hold: Dur,
-}
-
-fn default_reconnect_hold() -> Dur {
-    Dur::secs(35)
 }
 
 fn default_outbound_port() -> u16 {

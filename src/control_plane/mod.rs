@@ -18,6 +18,7 @@
 pub mod dashboard;
 pub mod kinds;
 pub mod model;
+pub mod persist;
 pub mod render;
 pub mod report;
 pub mod server;
@@ -43,6 +44,9 @@ pub struct Options {
     pub dns: Vec<String>,
     pub cert_ttl: Duration,
     pub grace: Duration,
+    /// Keep the registrations here across restarts.
+    pub state_dir: Option<PathBuf>,
+    pub reregister_window: Duration,
     pub mtls: bool,
     pub watch_interval: Duration,
     pub webhook: Option<Webhook>,
@@ -129,7 +133,16 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     )
     .map_err(|e| RunError::Kube(e.to_string()))?;
     let tls = server::server_tls(&ca, &my_id, &opts.dns)?;
-    let cp = server::ControlPlane::new(settings, ca, tokens, opts.cert_ttl, opts.grace);
+    let cp = server::ControlPlane::new(
+        settings,
+        ca,
+        tokens,
+        opts.cert_ttl,
+        opts.grace,
+        opts.state_dir.as_deref().map(persist::Store::new),
+        opts.reregister_window,
+    );
+    cp.restore();
     let source: Box<dyn source::Source> = match (&opts.mesh_dir, kube_client) {
         (Some(dir), _) => Box::new(source::DirSource {
             dir: dir.clone(),

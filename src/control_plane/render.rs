@@ -864,7 +864,6 @@ spec:
             outbound_port: 0,
             app_port: 8080,
             cache_dir: None,
-            reconnect_hold: crate::config::Dur::secs(35),
         });
         merged.validate().unwrap();
     }
@@ -887,7 +886,6 @@ spec:
             outbound_port: 15001,
             app_port: 0,
             cache_dir: None,
-            reconnect_hold: crate::config::Dur::secs(35),
         });
         merged.validate().unwrap();
         let names: Vec<&str> = web.clusters.iter().map(|c| c.name.as_str()).collect();

@@ -54,6 +54,10 @@ type Body = BoxBody<Bytes, std::convert::Infallible>;
 pub struct State {
     pub mesh: Arc<Mesh>,
     pub version: u64,
+    /// The registrations this version was made with: every proxy renders
+    /// a version from the same ones, and they were saved before it went
+    /// out (a restart never forgets an endpoint a caller was sent).
+    pub registrations: Arc<Vec<Registration>>,
 }
 
 struct NodeEntry {
@@ -71,6 +75,14 @@ struct NodeEntry {
     last_nack: Option<Nack>,
     /// Which stream is the live one (a reconnect replaces the entry).
     stream: u64,
+}
+
+impl NodeEntry {
+    /// Callers may send to it: it serves, is not leaving, and has an
+    /// inbound listener.
+    fn is_endpoint(&self) -> bool {
+        self.ready && !self.draining && self.node.inbound_port > 0
+    }
 }
 
 /// How callers prove who they are besides a client certificate.
@@ -94,6 +106,11 @@ pub struct ControlPlane {
     streams: std::sync::atomic::AtomicU64,
     registrations_dirty: tokio::sync::Notify,
     started: Instant,
+    /// Where the registrations outlive a restart (`--state-dir`).
+    store: Option<super::persist::Store>,
+    /// How long a registration taken back from the store waits for its
+    /// proxy to reconnect.
+    reregister_window: Duration,
     /// The latest render per group of proxies with the same inputs.
     renders: Mutex<HashMap<render::GroupKey, RenderSlot>>,
     /// Each node's traffic reports (locked after `nodes` when both are).
@@ -210,10 +227,13 @@ impl ControlPlane {
         tokens: Tokens,
         cert_ttl: Duration,
         grace: Duration,
+        store: Option<super::persist::Store>,
+        reregister_window: Duration,
     ) -> Arc<ControlPlane> {
         let (state, _) = watch::channel(Arc::new(State {
             mesh: Arc::new(Mesh::default()),
             version: 0,
+            registrations: Arc::new(Vec::new()),
         }));
         Arc::new(ControlPlane {
             settings,
@@ -228,6 +248,8 @@ impl ControlPlane {
             renders: Mutex::new(HashMap::new()),
             registrations_dirty: tokio::sync::Notify::new(),
             started: Instant::now(),
+            store,
+            reregister_window,
             traffic: Mutex::new(HashMap::new()),
             reports_total: Default::default(),
             mesh_cache: Mutex::new(None),
@@ -271,13 +293,95 @@ impl ControlPlane {
         }
     }
 
-    /// A new version: a new model, or new registrations with the same one.
+    /// The proxies that are endpoints of their services now, written down
+    /// first (with `--state-dir`).
+    fn take_registrations(&self) -> Arc<Vec<Registration>> {
+        let nodes: Vec<Node> = self
+            .nodes
+            .lock()
+            .values()
+            .filter(|e| e.is_endpoint())
+            .map(|e| e.node.clone())
+            .collect();
+        if let Some(store) = &self.store
+            && let Err(e) = store.save(nodes.iter())
+        {
+            tracing::warn!(error = %e, "registrations not saved; a restart will wait for their proxies");
+        }
+        Arc::new(
+            nodes
+                .into_iter()
+                .map(|n| Registration {
+                    endpoint: SocketAddr::new(n.address, n.inbound_port),
+                    namespace: n.namespace,
+                    service: n.service,
+                    identity: n.identity,
+                })
+                .collect(),
+        )
+    }
+
+    /// Takes back the registrations a previous run saved: endpoints from
+    /// the first push on, until their proxies re-register or the window
+    /// ends.
+    pub fn restore(self: &Arc<Self>) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let saved = match store.load() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "saved registrations unreadable; waiting for the proxies");
+                return;
+            }
+        };
+        let mut restored = 0;
+        {
+            let mut nodes = self.nodes.lock();
+            for node in saved {
+                let id = node.id.clone();
+                if nodes.contains_key(&id) {
+                    continue;
+                }
+                nodes.insert(
+                    id.clone(),
+                    NodeEntry {
+                        node,
+                        connected: false,
+                        connected_since: 0,
+                        ready: true,
+                        draining: false,
+                        sent: 0,
+                        seen: 0,
+                        last_ack: None,
+                        last_nack: None,
+                        // No stream yet: any reconnect replaces the entry.
+                        stream: 0,
+                    },
+                );
+                self.expire(id, 0, self.reregister_window, true);
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            tracing::info!(restored, window = ?self.reregister_window, "registrations taken back until their proxies reconnect");
+            self.registrations_changed();
+        }
+    }
+
+    /// A new version: a new model (with the registrations of the last
+    /// version), or new registrations with the same model.
     fn bump(&self, mesh: Option<Arc<Mesh>>) {
+        let registrations = match mesh {
+            Some(_) => None,
+            None => Some(self.take_registrations()),
+        };
         self.state.send_modify(|s| {
             let version = s.version + 1;
             *s = Arc::new(State {
                 mesh: mesh.unwrap_or_else(|| s.mesh.clone()),
                 version,
+                registrations: registrations.unwrap_or_else(|| s.registrations.clone()),
             });
             let mut made = self.made_at.lock();
             made.push_back((version, Instant::now()));
@@ -290,21 +394,6 @@ impl ControlPlane {
 
     pub fn version(&self) -> u64 {
         self.state.borrow().version
-    }
-
-    /// The proxies that are endpoints of their services right now.
-    fn registrations(&self) -> Vec<Registration> {
-        self.nodes
-            .lock()
-            .values()
-            .filter(|e| e.ready && !e.draining && e.node.inbound_port > 0)
-            .map(|e| Registration {
-                namespace: e.node.namespace.clone(),
-                service: e.node.service.clone(),
-                endpoint: SocketAddr::new(e.node.address, e.node.inbound_port),
-                identity: e.node.identity.clone(),
-            })
-            .collect()
     }
 
     fn nodes_json(&self) -> serde_json::Value {
@@ -628,8 +717,7 @@ impl ControlPlane {
         if let Some(r) = slot.as_ref().filter(|r| r.version == state.version) {
             return r.clone();
         }
-        let regs = self.registrations();
-        let config = render::render(&state.mesh, &regs, node, &self.settings);
+        let config = render::render(&state.mesh, &state.registrations, node, &self.settings);
         let since = slot
             .as_ref()
             .map(|p| (p.version, change(&p.config, &config, state.version)));
@@ -739,10 +827,15 @@ impl ControlPlane {
         tracing::info!(node = %node_id, "proxy disconnected");
         // Callers keep the endpoint for a grace period (a reconnect to
         // another replica, a blip), then it goes.
+        self.expire(node_id.to_string(), stream, self.grace, was_endpoint);
+    }
+
+    /// Removes the node `after` from now unless stream `stream` was
+    /// replaced by a reconnect meanwhile.
+    fn expire(self: &Arc<Self>, id: String, stream: u64, after: Duration, was_endpoint: bool) {
         let me = self.clone();
-        let id = node_id.to_string();
         tokio::spawn(async move {
-            tokio::time::sleep(me.grace).await;
+            tokio::time::sleep(after).await;
             let removed = {
                 let mut nodes = me.nodes.lock();
                 let gone = nodes

@@ -7,12 +7,7 @@
 //! endpoint delta) atomically and answers each with an ack or a nack
 //! carrying the errors. While the control plane is away it keeps serving
 //! the last good config and reconnects with exponential backoff and
-//! jitter, moving to the next replica. After a reconnect it keeps, for
-//! `feed.reconnect_hold` (35 s), the endpoints it already had beside the ones the control
-//! plane sends: a control plane that just (re)started, or a replica the
-//! proxy just moved to, knows a service's endpoints only once their own
-//! proxies have re-registered, which takes up to one backoff interval.
-//! The certificate is renewed at about
+//! jitter, moving to the next replica. The certificate is renewed at about
 //! two thirds of its lifetime. With `cache_dir`, the last good snapshot and
 //! certificate are kept on disk so that a restart serves before the control
 //! plane answers.
@@ -356,7 +351,7 @@ impl FeedClient {
         let Ok(config) = serde_json::from_slice::<Config>(&text) else {
             return;
         };
-        match self.apply_config(proxy, config, None).await {
+        match self.apply_config(proxy, config).await {
             Ok(()) => tracing::info!("serving the cached snapshot until the control plane answers"),
             Err(e) => tracing::warn!(error = %e, "the cached snapshot does not apply"),
         }
@@ -387,18 +382,8 @@ impl FeedClient {
         c
     }
 
-    /// Applies `config` (with the `held` endpoints added) and keeps it, as
-    /// the control plane sent it, for the next endpoint delta.
-    async fn apply_config(
-        &self,
-        proxy: &Proxy,
-        config: Config,
-        held: Option<&[Held]>,
-    ) -> Result<(), String> {
-        let mut merged = self.merge(config.clone());
-        if let Some(held) = held {
-            add_held(&mut merged, held);
-        }
+    async fn apply_config(&self, proxy: &Proxy, config: Config) -> Result<(), String> {
+        let merged = self.merge(config.clone());
         merged.validate().map_err(|e| {
             let list: Vec<String> = e.0.iter().map(|x| x.to_string()).collect();
             serde_json::to_string(&list).unwrap_or_default()
@@ -476,24 +461,9 @@ impl FeedClient {
             url.to_string(),
             proxy.clone(),
         )));
-        // What this proxy serves now stays, beside what this control plane
-        // sends, until every live peer has had time to re-register.
-        let mut held = self.current.lock().as_ref().map(held_endpoints);
-        let hold_until = tokio::time::Instant::now() + self.feed.reconnect_hold.0;
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
-        loop {
-            let frame = tokio::select! {
-                f = body.frame() => f,
-                _ = tokio::time::sleep_until(hold_until), if held.is_some() => {
-                    held = None;
-                    self.release_held(proxy).await;
-                    continue;
-                }
-            };
-            let Some(frame) = frame else {
-                return Ok(());
-            };
+        while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| e.to_string())?;
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -502,21 +472,10 @@ impl FeedClient {
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
                 backoff.reset();
-                self.handle_message(&line, proxy, &mut sender, url, held.as_deref())
-                    .await;
+                self.handle_message(&line, proxy, &mut sender, url).await;
             }
         }
-    }
-
-    /// The hold is over: the control plane's endpoint sets alone.
-    async fn release_held(&self, proxy: &Proxy) {
-        let Some(c) = self.current.lock().clone() else {
-            return;
-        };
-        match self.apply_config(proxy, c, None).await {
-            Ok(()) => tracing::info!("endpoints held over the reconnect released"),
-            Err(e) => tracing::warn!(error = %e, "releasing the held endpoints failed"),
-        }
+        Ok(())
     }
 
     async fn handle_message(
@@ -525,7 +484,6 @@ impl FeedClient {
         proxy: &Proxy,
         sender: &mut http2::SendRequest<Full<Bytes>>,
         url: &str,
-        held: Option<&[Held]>,
     ) {
         let m = metrics();
         let msg: serde_json::Value = match serde_json::from_slice(line) {
@@ -538,7 +496,7 @@ impl FeedClient {
         let version = msg["version"].as_u64().unwrap_or(0);
         let result = match msg["type"].as_str() {
             Some("snapshot") => match serde_json::from_value::<Config>(msg["config"].clone()) {
-                Ok(c) => self.apply_config(proxy, c, held).await,
+                Ok(c) => self.apply_config(proxy, c).await,
                 Err(e) => Err(format!("the snapshot does not parse: {e}")),
             },
             Some("endpoints") => {
@@ -562,7 +520,7 @@ impl FeedClient {
                         }
                         match bad {
                             Some(e) => Err(e),
-                            None => self.apply_config(proxy, c, held).await,
+                            None => self.apply_config(proxy, c).await,
                         }
                     }
                 }
@@ -770,35 +728,6 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// The longest wait between two reconnects.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// A cluster's endpoints as they were when the session began.
-type Held = (String, Vec<crate::config::Endpoint>);
-
-fn held_endpoints(c: &Config) -> Vec<Held> {
-    c.clusters
-        .iter()
-        .filter(|cl| !cl.endpoints.is_empty())
-        .map(|cl| (cl.name.clone(), cl.endpoints.clone()))
-        .collect()
-}
-
-/// Adds each held endpoint its cluster does not list. Clusters the new
-/// config dropped stay dropped: that is a route change, not a gap in
-/// what the control plane knows.
-fn add_held(c: &mut Config, held: &[Held]) {
-    for (name, eps) in held {
-        if let Some(cl) = c.clusters.iter_mut().find(|cl| &cl.name == name) {
-            for e in eps {
-                if !cl.endpoints.iter().any(|x| x.address == e.address) {
-                    cl.endpoints.push(e.clone());
-                }
-            }
-        }
-    }
-}
-
 /// Exponential backoff with full jitter: 250 ms doubling to 30 s.
 struct Backoff {
     next: Duration,
@@ -816,62 +745,6 @@ impl Backoff {
     async fn wait(&mut self) {
         let d = self.next.mul_f64(0.5 + fastrand::f64() / 2.0);
         tokio::time::sleep(d).await;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(orders: &[&str], pay: &[&str]) -> Config {
-        let eps = |a: &[&str]| {
-            a.iter()
-                .map(|x| format!("{{ address: \"{x}\" }}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        // Only the clusters matter here: parsed, not validated as a whole.
-        serde_yaml::from_str::<Config>(&format!(
-            "clusters:\n  - {{ name: orders, endpoints: [ {} ] }}\n  - {{ name: pay, endpoints: [ {} ] }}\n",
-            eps(orders),
-            eps(pay)
-        ))
-        .unwrap()
-    }
-
-    fn addrs(c: &Config, cluster: &str) -> Vec<String> {
-        c.clusters
-            .iter()
-            .find(|cl| cl.name == cluster)
-            .unwrap()
-            .endpoints
-            .iter()
-            .map(|e| e.address.to_string())
-            .collect()
-    }
-
-    #[test]
-    fn held_endpoints_fill_what_the_new_config_does_not_know_yet() {
-        let before = config(&["10.0.0.1:80", "10.0.0.2:80"], &["10.0.1.1:80"]);
-        let held = held_endpoints(&before);
-        // A restarted control plane knows one orders endpoint and no pay one.
-        let mut now = config(&["10.0.0.2:80", "10.0.0.3:80"], &[]);
-        add_held(&mut now, &held);
-        assert_eq!(
-            addrs(&now, "orders"),
-            ["10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"]
-        );
-        assert_eq!(addrs(&now, "pay"), ["10.0.1.1:80"]);
-    }
-
-    #[test]
-    fn a_cluster_the_new_config_dropped_stays_dropped() {
-        let held = held_endpoints(&config(&["10.0.0.1:80"], &["10.0.1.1:80"]));
-        let mut now = config(&["10.0.0.1:80"], &[]);
-        now.clusters.retain(|c| c.name != "pay");
-        add_held(&mut now, &held);
-        assert_eq!(now.clusters.len(), 1);
-        assert_eq!(addrs(&now, "orders"), ["10.0.0.1:80"]);
+        self.next = (self.next * 2).min(Duration::from_secs(30));
     }
 }

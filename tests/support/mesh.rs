@@ -67,6 +67,14 @@ impl Mesh {
             "--watch-interval",
             "100ms",
         ];
+        // One state directory per control plane; a restart on the same
+        // address finds the one its predecessor wrote.
+        let key = match listen.strip_suffix(":0") {
+            Some(_) => format!("cp-state-{}", free_port()),
+            None => format!("cp-state-{}", listen.replace([':', '.'], "_")),
+        };
+        let state = self.dir.join(key).display().to_string();
+        args.extend(["--state-dir", state.as_str()]);
         args.extend_from_slice(extra);
         let (md, ca, tok) = (
             self.mesh_dir.display().to_string(),
