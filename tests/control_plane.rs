@@ -401,6 +401,51 @@ async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
 /// A registration taken back at start whose proxy does not reconnect
 /// within the window goes: its callers answer 503 `no-endpoints` rather
 /// than connect to a pod that may be gone; it is back once it registers.
+/// A proxy that refused its config (its outbound port was taken) is sent
+/// whole snapshots until one applies: an endpoint delta would have to
+/// apply to a config it does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_refused_its_config_gets_it_whole_once_it_can() {
+    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
+    m.write(
+        "services.yaml",
+        &[
+            service("orders"),
+            service("orders-v1"),
+            service("orders-v2"),
+        ]
+        .join("---\n"),
+    );
+    m.write("route.yaml", &split(100, 0));
+    let cp = m.control_plane(&[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (yaml, _) = m.proxy_yaml(&[cp.addr("cp")], "web", "web", None, "", port);
+    let a = ProxyProc::start_until(&yaml, &[], "config from the control plane refused");
+    // A registration: the next version differs from the refused one in
+    // endpoints only.
+    let v1 = Upstream::start("v1").await;
+    let _b1 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
+    let refused =
+        |a: &ProxyProc| a.count_log(|l| l.contains("config from the control plane refused"));
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while refused(&a) < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", a.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        a.count_log(|l| l.contains("endpoints before any snapshot")),
+        0,
+        "a delta on top of a refused snapshot"
+    );
+    // The port is free again; the next version applies whole.
+    drop(taken);
+    let _b2 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
+    a.wait_log(|l| l.contains("\"message\":\"ready\""));
+    let c = TestClient::h1(format!("127.0.0.1:{port}").parse().unwrap());
+    until(&c, "orders", "web never served", |r| r.text() == "v1").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_taken_back_goes_if_its_proxy_does_not_return() {
     let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);

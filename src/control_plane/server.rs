@@ -75,6 +75,11 @@ struct NodeEntry {
     last_nack: Option<Nack>,
     /// Which stream is the live one (a reconnect replaces the entry).
     stream: u64,
+    /// The proxy refused a config: its next message is a whole snapshot
+    /// (an endpoint delta would apply to a config it does not have).
+    resync: bool,
+    /// Wakes the node's stream to resend at once.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl NodeEntry {
@@ -357,6 +362,8 @@ impl ControlPlane {
                         last_nack: None,
                         // No stream yet: any reconnect replaces the entry.
                         stream: 0,
+                        resync: false,
+                        wake: Default::default(),
                     },
                 );
                 self.expire(id, 0, self.reregister_window, true);
@@ -668,6 +675,7 @@ impl ControlPlane {
         // restarted, or another one died) is an endpoint from the start:
         // its callers must not lose it while it waits for a push.
         let serving = get("ready") == "1";
+        let wake = Arc::new(tokio::sync::Notify::new());
         {
             let mut nodes = self.nodes.lock();
             let (last_ack, last_nack) = nodes
@@ -687,6 +695,8 @@ impl ControlPlane {
                     last_ack,
                     last_nack,
                     stream,
+                    resync: false,
+                    wake: wake.clone(),
                 },
             );
         }
@@ -696,7 +706,7 @@ impl ControlPlane {
         }
         tracing::info!(node = %node_id, identity = %node.identity, serving, "proxy subscribed");
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(self.stream_node(node, stream, tx));
+        tokio::spawn(self.stream_node(node, stream, tx, wake));
         let mut r = Response::new(Stream { rx }.boxed());
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -738,7 +748,13 @@ impl ControlPlane {
 
     /// Sends the node's config whenever the model or the registrations
     /// change, until the proxy goes away.
-    async fn stream_node(self: Arc<Self>, node: Node, stream: u64, tx: mpsc::Sender<Bytes>) {
+    async fn stream_node(
+        self: Arc<Self>,
+        node: Node,
+        stream: u64,
+        tx: mpsc::Sender<Bytes>,
+        wake: Arc<tokio::sync::Notify>,
+    ) {
         // A control plane that just started does not know yet which
         // proxies are alive: for one grace period it lets the serving ones
         // re-register before pushing endpoint sets that would miss them.
@@ -751,8 +767,19 @@ impl ControlPlane {
         loop {
             let state = rx.borrow_and_update().clone();
             let r = self.rendered(&node, &state);
+            let resync = last.is_some()
+                && self
+                    .nodes
+                    .lock()
+                    .get_mut(&node.id)
+                    .filter(|e| e.stream == stream)
+                    .is_some_and(|e| std::mem::take(&mut e.resync));
             let msg = match &last {
                 None => Some(r.snapshot.clone()),
+                Some(_) if resync => {
+                    metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
+                    Some(r.snapshot.clone())
+                }
                 Some(prev) => {
                     let computed;
                     let c = match &r.since {
@@ -805,6 +832,7 @@ impl ControlPlane {
             last = Some(r);
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
+                _ = wake.notified() => {}
                 _ = tx.closed() => break,
             }
         }
@@ -888,6 +916,13 @@ impl ControlPlane {
                     error: a.error.clone().unwrap_or_default(),
                     at: unix_now(),
                 });
+                e.resync = true;
+                // Something newer went out on top of the refused one: send
+                // it whole now. The newest refused waits for the next
+                // version (resending it would be refused again).
+                if e.sent > a.version {
+                    e.wake.notify_one();
+                }
                 false
             }
         };

@@ -142,6 +142,21 @@ impl Mesh {
         app: Option<&Upstream>,
         extra: &str,
     ) -> (ProxyProc, String) {
+        let (yaml, node) = self.proxy_yaml(cps, sa, service, app, extra, free_port());
+        (ProxyProc::start(&yaml), node)
+    }
+
+    /// A fed proxy's bootstrap config with its outbound listener on
+    /// `outbound`, and its node id.
+    pub fn proxy_yaml(
+        &self,
+        cps: &[std::net::SocketAddr],
+        sa: &str,
+        service: &str,
+        app: Option<&Upstream>,
+        extra: &str,
+        outbound: u16,
+    ) -> (String, String) {
         let token = self.token_file(sa);
         let urls: Vec<String> = cps.iter().map(|a| format!("\"https://{a}\"")).collect();
         let (inbound, app_port) = match app {
@@ -149,14 +164,14 @@ impl Mesh {
             None => (0, 0),
         };
         let node = format!("{service}-{}", free_port());
-        let p = ProxyProc::start(&format!(
+        let yaml = format!(
             "node: {{ id: {node}, service: {service}, namespace: {NS} }}\nidentity: {{ trust_domain: {TD}, source: {{ control_plane: true }} }}\nfeed: {{ control_plane: [{}], ca: {}, token_file: {}, service_account: {sa}, inbound_port: {inbound}, outbound_port: {}, app_port: {app_port}{extra} }}\n",
             urls.join(", "),
             self.ca_dir.join("ca.pem").display(),
             token.display(),
-            free_port(),
-        ));
-        (p, node)
+            outbound,
+        );
+        (yaml, node)
     }
 
     /// A file holding `sa`'s token, as a pod's projected token.

@@ -107,6 +107,11 @@ impl ProxyProc {
     }
 
     pub fn start_with(yaml: &str, args: &[&str]) -> ProxyProc {
+        Self::start_until(yaml, args, "\"message\":\"ready\"")
+    }
+
+    /// `start_with`, waiting for a log line containing `line` instead.
+    pub fn start_until(yaml: &str, args: &[&str], line: &str) -> ProxyProc {
         let dir = temp_dir();
         let config_path = dir.join("config.yaml");
         let full = if yaml.contains("admin:") {
@@ -123,7 +128,7 @@ impl ProxyProc {
         }
         cmd.args(["--watch-interval", "100ms", "--log-level", "info"])
             .args(args);
-        Self::spawn(cmd, config_path, "\"message\":\"ready\"")
+        Self::spawn(cmd, config_path, line)
     }
 
     /// Starts `outrigger control-plane ARGS` and waits until it listens;
