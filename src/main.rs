@@ -130,13 +130,14 @@ enum Cmd {
         #[arg(long, env = "OUTRIGGER_GRACE", default_value = "5s", value_parser = dur)]
         grace: Duration,
         /// Keep the proxies' registrations here, so that a restart pushes
-        /// the endpoints it had instead of waiting for every proxy.
+        /// the endpoints it had instead of waiting for every proxy. One
+        /// directory per replica, never shared.
         #[arg(long, env = "OUTRIGGER_STATE_DIR")]
         state_dir: Option<PathBuf>,
         /// How long a registration taken back at start waits for its
-        /// proxy: the proxies' longest reconnect backoff (30 s) and one
-        /// attempt's connect and TLS timeouts (5 s each).
-        #[arg(long, env = "OUTRIGGER_REREGISTER_WINDOW", default_value = "40s", value_parser = dur)]
+        /// proxy: the proxies' longest reconnect backoff (30 s), one
+        /// attempt's connect and TLS timeouts (5 s each) and a margin.
+        #[arg(long, env = "OUTRIGGER_REREGISTER_WINDOW", default_value = "45s", value_parser = dur)]
         reregister_window: Duration,
         /// Render plaintext meshes (no mTLS between sidecars).
         #[arg(long, env = "OUTRIGGER_NO_MTLS")]

@@ -398,9 +398,6 @@ async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
     }
 }
 
-/// A registration taken back at start whose proxy does not reconnect
-/// within the window goes: its callers answer 503 `no-endpoints` rather
-/// than connect to a pod that may be gone; it is back once it registers.
 /// A proxy that refused its config (its outbound port was taken) is sent
 /// whole snapshots until one applies: an endpoint delta would have to
 /// apply to a config it does not have.
@@ -446,6 +443,9 @@ async fn a_proxy_that_refused_its_config_gets_it_whole_once_it_can() {
     until(&c, "orders", "web never served", |r| r.text() == "v1").await;
 }
 
+/// A registration taken back at start whose proxy does not reconnect
+/// within the window goes: its callers answer 503 `no-endpoints` rather
+/// than connect to a pod that may be gone; it is back once it registers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_taken_back_goes_if_its_proxy_does_not_return() {
     let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);

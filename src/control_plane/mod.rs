@@ -133,6 +133,9 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     )
     .map_err(|e| RunError::Kube(e.to_string()))?;
     let tls = server::server_tls(&ca, &my_id, &opts.dns)?;
+    if opts.state_dir.is_some() && opts.reregister_window < opts.grace {
+        tracing::warn!(window = ?opts.reregister_window, grace = ?opts.grace, "--reregister-window is shorter than --grace: restored registrations go before the first push");
+    }
     let cp = server::ControlPlane::new(
         settings,
         ca,

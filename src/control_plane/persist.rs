@@ -25,6 +25,8 @@ pub enum PersistError {
     },
     #[error("{path}: {message}")]
     Garbled { path: String, message: String },
+    #[error("registrations: {0}")]
+    Encode(String),
 }
 
 /// One registration as written down.
@@ -40,20 +42,24 @@ struct Saved {
     app_port: u16,
 }
 
-/// The registrations file in a state directory.
+/// The registrations file in a state directory: one directory per
+/// control plane (replicas do not share their registrations).
 pub struct Store {
     path: PathBuf,
+    /// What was last written: an unchanged list is not written again.
+    last: parking_lot::Mutex<Vec<u8>>,
 }
 
 impl Store {
     pub fn new(dir: &Path) -> Store {
         Store {
             path: dir.join("registrations.json"),
+            last: Default::default(),
         }
     }
 
-    /// Writes `nodes` whole (a temporary file renamed over the old one: a
-    /// crash mid-write leaves the previous list).
+    /// Writes `nodes` whole: a temporary file, synced, renamed over the
+    /// old one, so that a crash or power loss leaves one list or the other.
     pub fn save<'a>(&self, nodes: impl Iterator<Item = &'a Node>) -> Result<(), PersistError> {
         let list: Vec<Saved> = nodes
             .map(|n| Saved {
@@ -67,20 +73,31 @@ impl Store {
                 app_port: n.app_port,
             })
             .collect();
-        let text = serde_json::to_vec(&list).map_err(|e| PersistError::Garbled {
-            path: self.path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let text = serde_json::to_vec(&list).map_err(|e| PersistError::Encode(e.to_string()))?;
+        let mut last = self.last.lock();
+        if *last == text {
+            return Ok(());
+        }
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| PersistError::Io { path, source }
         };
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let tmp = dir.join(format!(".registrations.{}.tmp", std::process::id()));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&text).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
         }
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &self.path).map_err(io(&self.path))
+        std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
+        // The rename itself is durable once the directory is synced.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        *last = text;
+        Ok(())
     }
 
     /// The registrations last written; none when there is no file yet.

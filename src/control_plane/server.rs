@@ -55,8 +55,8 @@ pub struct State {
     pub mesh: Arc<Mesh>,
     pub version: u64,
     /// The registrations this version was made with: every proxy renders
-    /// a version from the same ones, and they were saved before it went
-    /// out (a restart never forgets an endpoint a caller was sent).
+    /// a version from the same ones, and (with `--state-dir`) they were
+    /// written down before it went out, unless the write failed (logged).
     pub registrations: Arc<Vec<Registration>>,
 }
 
@@ -78,6 +78,9 @@ struct NodeEntry {
     /// The proxy refused a config: its next message is a whole snapshot
     /// (an endpoint delta would apply to a config it does not have).
     resync: bool,
+    /// A newer version went out behind the refused one: send the current
+    /// one whole at once.
+    resend: bool,
     /// Wakes the node's stream to resend at once.
     wake: Arc<tokio::sync::Notify>,
 }
@@ -113,6 +116,10 @@ pub struct ControlPlane {
     started: Instant,
     /// Where the registrations outlive a restart (`--state-dir`).
     store: Option<super::persist::Store>,
+    /// Held from taking the registrations to publishing the version made
+    /// with them: two bumps at once (the debounce, a drain) must not
+    /// publish or save an older table after a newer one.
+    bump_lock: Mutex<()>,
     /// How long a registration taken back from the store waits for its
     /// proxy to reconnect.
     reregister_window: Duration,
@@ -254,6 +261,7 @@ impl ControlPlane {
             registrations_dirty: tokio::sync::Notify::new(),
             started: Instant::now(),
             store,
+            bump_lock: Mutex::new(()),
             reregister_window,
             traffic: Mutex::new(HashMap::new()),
             reports_total: Default::default(),
@@ -363,6 +371,7 @@ impl ControlPlane {
                         // No stream yet: any reconnect replaces the entry.
                         stream: 0,
                         resync: false,
+                        resend: false,
                         wake: Default::default(),
                     },
                 );
@@ -372,19 +381,24 @@ impl ControlPlane {
         }
         if restored > 0 {
             tracing::info!(restored, window = ?self.reregister_window, "registrations taken back until their proxies reconnect");
-            self.registrations_changed();
+            // In the first version, not one debounce later: the first
+            // push (after the startup grace) must have them.
+            self.bump(None);
         }
     }
 
     /// A new version: a new model (with the registrations of the last
-    /// version), or new registrations with the same model.
-    fn bump(&self, mesh: Option<Arc<Mesh>>) {
+    /// version), or new registrations with the same model. Returns it.
+    fn bump(&self, mesh: Option<Arc<Mesh>>) -> u64 {
+        let _order = self.bump_lock.lock();
         let registrations = match mesh {
             Some(_) => None,
             None => Some(self.take_registrations()),
         };
+        let mut made_version = 0;
         self.state.send_modify(|s| {
             let version = s.version + 1;
+            made_version = version;
             *s = Arc::new(State {
                 mesh: mesh.unwrap_or_else(|| s.mesh.clone()),
                 version,
@@ -397,6 +411,7 @@ impl ControlPlane {
             }
             metrics().cp_model_version.set(version as i64);
         });
+        made_version
     }
 
     pub fn version(&self) -> u64 {
@@ -676,8 +691,9 @@ impl ControlPlane {
         // its callers must not lose it while it waits for a push.
         let serving = get("ready") == "1";
         let wake = Arc::new(tokio::sync::Notify::new());
-        {
+        let was_endpoint = {
             let mut nodes = self.nodes.lock();
+            let was_endpoint = nodes.get(&node_id).is_some_and(NodeEntry::is_endpoint);
             let (last_ack, last_nack) = nodes
                 .get(&node_id)
                 .map(|e| (e.last_ack.clone(), e.last_nack.clone()))
@@ -696,12 +712,16 @@ impl ControlPlane {
                     last_nack,
                     stream,
                     resync: false,
+                    resend: false,
                     wake: wake.clone(),
                 },
             );
-        }
+            was_endpoint
+        };
         metrics().cp_connected.inc();
-        if serving && node.inbound_port > 0 {
+        // A new endpoint, or one that is not one any more (a proxy back
+        // without a config, over its old or restored entry).
+        if was_endpoint || (serving && node.inbound_port > 0) {
             self.registrations_changed();
         }
         tracing::info!(node = %node_id, identity = %node.identity, serving, "proxy subscribed");
@@ -767,19 +787,10 @@ impl ControlPlane {
         loop {
             let state = rx.borrow_and_update().clone();
             let r = self.rendered(&node, &state);
-            let resync = last.is_some()
-                && self
-                    .nodes
-                    .lock()
-                    .get_mut(&node.id)
-                    .filter(|e| e.stream == stream)
-                    .is_some_and(|e| std::mem::take(&mut e.resync));
-            let msg = match &last {
-                None => Some(r.snapshot.clone()),
-                Some(_) if resync => {
-                    metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
-                    Some(r.snapshot.clone())
-                }
+            // What this proxy needs besides a resync: all of it at first,
+            // then what changed since the last render it got.
+            let delta = match &last {
+                None => None,
                 Some(prev) => {
                     let computed;
                     let c = match &r.since {
@@ -791,23 +802,40 @@ impl ControlPlane {
                         }
                     };
                     match c {
-                        Change::Nothing => None,
-                        Change::Endpoints(b) => {
-                            metrics().cp_pushes.with_label_values(&["endpoints"]).inc();
-                            Some(b.clone())
-                        }
-                        Change::Snapshot => {
-                            metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
-                            Some(r.snapshot.clone())
-                        }
+                        Change::Nothing => Some(None),
+                        Change::Endpoints(b) => Some(Some(b.clone())),
+                        Change::Snapshot => None,
                     }
                 }
             };
-            if last.is_none() {
-                metrics().cp_pushes.with_label_values(&["snapshot"]).inc();
-            }
-            let sending = msg.is_some();
-            if let Some(bytes) = msg {
+            // Decided and recorded under the node's lock, before the send:
+            // a nack arriving meanwhile sees that a newer version went out.
+            let msg = {
+                let mut nodes = self.nodes.lock();
+                let e = nodes.get_mut(&node.id).filter(|e| e.stream == stream);
+                let (resend, resync) = e.as_ref().map_or((false, false), |e| (e.resend, e.resync));
+                let msg = match delta {
+                    // A refused config is never the base of a delta; and a
+                    // newer one behind a refused one goes again, whole.
+                    Some(Some(_)) | Some(None) if resend => Some((true, r.snapshot.clone())),
+                    Some(Some(_)) if resync => Some((true, r.snapshot.clone())),
+                    Some(Some(b)) => Some((false, b)),
+                    Some(None) => None,
+                    None => Some((true, r.snapshot.clone())),
+                };
+                if let Some(e) = e {
+                    e.resend = false;
+                    if msg.is_some() {
+                        e.resync = false;
+                        e.sent = state.version;
+                    }
+                    e.seen = state.version;
+                }
+                msg
+            };
+            if let Some((whole, bytes)) = msg {
+                let kind = if whole { "snapshot" } else { "endpoints" };
+                metrics().cp_pushes.with_label_values(&[kind]).inc();
                 // At most one message waits for a slow reader; newer
                 // versions coalesce into the next render.
                 let sent = tokio::select! {
@@ -817,17 +845,6 @@ impl ControlPlane {
                 if !sent {
                     break;
                 }
-            }
-            if let Some(e) = self
-                .nodes
-                .lock()
-                .get_mut(&node.id)
-                .filter(|e| e.stream == stream)
-            {
-                if sending {
-                    e.sent = state.version;
-                }
-                e.seen = state.version;
             }
             last = Some(r);
             tokio::select! {
@@ -916,12 +933,16 @@ impl ControlPlane {
                     error: a.error.clone().unwrap_or_default(),
                     at: unix_now(),
                 });
-                e.resync = true;
-                // Something newer went out on top of the refused one: send
-                // it whole now. The newest refused waits for the next
-                // version (resending it would be refused again).
-                if e.sent > a.version {
-                    e.wake.notify_one();
+                // A nack for a version never sent is noise.
+                if a.version <= e.sent {
+                    e.resync = true;
+                    // Something newer went out on top of the refused one:
+                    // send it whole now. The newest refused waits for the
+                    // next version (resent, it would be refused again).
+                    if e.sent > a.version {
+                        e.resend = true;
+                        e.wake.notify_one();
+                    }
                 }
                 false
             }
@@ -1073,8 +1094,7 @@ impl ControlPlane {
         };
         if changed {
             tracing::info!(node, "proxy draining; removed from its service's endpoints");
-            self.bump(None);
-            let v = self.version();
+            let v = self.bump(None);
             let deadline = Instant::now() + DRAIN_WAIT;
             while Instant::now() < deadline && !self.all_acked(v, &node) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1219,4 +1239,89 @@ pub async fn serve(
     });
     tracing::info!(address = %bound, "control plane listening");
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::persist::Store;
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            namespace: "shop".into(),
+            service: "orders".into(),
+            identity: SpiffeId::parse("spiffe://td/ns/shop/sa/orders").unwrap(),
+            address: IpAddr::from([127, 0, 0, 1]),
+            inbound_port: 15006,
+            outbound_port: 15001,
+            app_port: 8080,
+        }
+    }
+
+    /// A control plane on a state directory holding `saved`.
+    fn control_plane(name: &str, saved: &[Node]) -> (Arc<ControlPlane>, Store) {
+        let dir = std::env::temp_dir().join(format!("outrigger-cp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Store::new(&dir).save(saved.iter()).unwrap();
+        let settings = Settings {
+            trust_domain: "td".into(),
+            cluster_domain: "cluster.local".into(),
+            mtls: true,
+        };
+        let (ca, _) = Ca::generate("td").unwrap();
+        let cp = ControlPlane::new(
+            settings,
+            ca,
+            Tokens::default(),
+            Duration::from_secs(3600),
+            Duration::from_millis(300),
+            Some(Store::new(&dir)),
+            Duration::from_secs(45),
+        );
+        tokio::spawn(cp.clone().debounce_registrations());
+        (cp, Store::new(&dir))
+    }
+
+    fn published(cp: &ControlPlane) -> Vec<SocketAddr> {
+        cp.state
+            .borrow()
+            .registrations
+            .iter()
+            .map(|r| r.endpoint)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restored_registrations_are_in_the_first_version_and_go_after_the_window() {
+        let (cp, store) = control_plane("restore", &[node("orders-1")]);
+        cp.restore();
+        assert_eq!(cp.version(), 1);
+        assert_eq!(published(&cp), ["127.0.0.1:15006".parse().unwrap()]);
+        // Its proxy never reconnects: gone after the window (and the
+        // debounce), from the published version and from the file.
+        tokio::time::sleep(Duration::from_secs(44)).await;
+        assert_eq!(published(&cp).len(), 1, "gone before the window ended");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(published(&cp).is_empty());
+        assert!(store.load().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_proxy_is_neither_published_nor_saved() {
+        let (cp, store) = control_plane("drain", &[node("orders-1"), node("orders-2")]);
+        cp.restore();
+        let mut two = node("orders-2");
+        two.inbound_port = 15007;
+        cp.nodes.lock().get_mut("orders-2").unwrap().node = two;
+        let id = node("orders-1").identity;
+        let uri: http::Uri = "/v1/drain?node=orders-1".parse().unwrap();
+        let v = cp.version();
+        let r = cp.clone().drain(id, &uri).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(cp.version(), v + 1);
+        assert_eq!(published(&cp), ["127.0.0.1:15007".parse().unwrap()]);
+        let saved: Vec<String> = store.load().unwrap().into_iter().map(|n| n.id).collect();
+        assert_eq!(saved, ["orders-2"]);
+    }
 }

@@ -69,8 +69,12 @@ impl Mesh {
         ];
         // One state directory per control plane; a restart on the same
         // address finds the one its predecessor wrote.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let key = match listen.strip_suffix(":0") {
-            Some(_) => format!("cp-state-{}", free_port()),
+            Some(_) => format!(
+                "cp-state-{}",
+                N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ),
             None => format!("cp-state-{}", listen.replace([':', '.'], "_")),
         };
         let state = self.dir.join(key).display().to_string();
