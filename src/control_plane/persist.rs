@@ -82,9 +82,10 @@ impl Store {
             let path = path.display().to_string();
             move |source| PersistError::Io { path, source }
         };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = self.dir();
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let tmp = dir.join(format!(".registrations.{}.tmp", std::process::id()));
+        // One writer per directory: a fixed name leaves no litter.
+        let tmp = dir.join(".registrations.json.tmp");
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
@@ -100,10 +101,19 @@ impl Store {
         Ok(())
     }
 
+    /// The directory the file is in.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// The registrations last written; none when there is no file yet.
     pub fn load(&self) -> Result<Vec<Node>, PersistError> {
         let text = match std::fs::read(&self.path) {
-            Ok(t) => t,
+            Ok(t) => {
+                // The same list is not written again at start.
+                *self.last.lock() = t.clone();
+                t
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => {
                 return Err(PersistError::Io {

@@ -390,7 +390,10 @@ impl ControlPlane {
     /// A new version: a new model (with the registrations of the last
     /// version), or new registrations with the same model. Returns it.
     fn bump(&self, mesh: Option<Arc<Mesh>>) -> u64 {
-        let _order = self.bump_lock.lock();
+        // Only registration bumps are ordered: a model bump takes the
+        // published registrations inside `send_modify`, and never waits
+        // on the disk.
+        let _order = mesh.is_none().then(|| self.bump_lock.lock());
         let registrations = match mesh {
             Some(_) => None,
             None => Some(self.take_registrations()),
@@ -1305,6 +1308,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(published(&cp).is_empty());
         assert!(store.load().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(store.dir());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1323,5 +1327,6 @@ mod tests {
         assert_eq!(published(&cp), ["127.0.0.1:15007".parse().unwrap()]);
         let saved: Vec<String> = store.load().unwrap().into_iter().map(|n| n.id).collect();
         assert_eq!(saved, ["orders-2"]);
+        let _ = std::fs::remove_dir_all(store.dir());
     }
 }
