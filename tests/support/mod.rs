@@ -296,7 +296,13 @@ impl ProxyProc {
             self.admin.port(),
             self.probes.port()
         );
-        std::fs::write(&self.config_path, full).unwrap();
+        // Written whole and renamed into place, as a ConfigMap update is:
+        // written in place, a stall between truncating and writing on a
+        // loaded machine let the watcher read the empty file twice and
+        // refuse it (CI, two reload tests at once).
+        let tmp = self.config_path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, full).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let m = self.metrics();
