@@ -20,6 +20,22 @@ fn split(v1: u32, v2: u32) -> String {
     )
 }
 
+/// web calling orders, split between orders-v1 (all) and orders-v2.
+fn orders_mesh() -> Mesh {
+    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
+    m.write(
+        "services.yaml",
+        &[
+            service("orders"),
+            service("orders-v1"),
+            service("orders-v2"),
+        ]
+        .join("---\n"),
+    );
+    m.write("route.yaml", &split(100, 0));
+    m
+}
+
 /// Sends requests until `pred` holds on an answer (a readiness wait).
 async fn until(c: &TestClient, host: &str, what: &str, pred: impl Fn(&Resp) -> bool) {
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
@@ -130,17 +146,7 @@ async fn more(done: &AtomicUsize, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_a_route_changes_every_proxy_without_failing_a_request() {
-    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
-    m.write(
-        "services.yaml",
-        &[
-            service("orders"),
-            service("orders-v1"),
-            service("orders-v2"),
-        ]
-        .join("---\n"),
-    );
-    m.write("route.yaml", &split(100, 0));
+    let m = orders_mesh();
     let cp = m.control_plane(&[]);
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
@@ -185,17 +191,7 @@ async fn editing_a_route_changes_every_proxy_without_failing_a_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_documents_and_unappliable_snapshots_change_nothing() {
-    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
-    m.write(
-        "services.yaml",
-        &[
-            service("orders"),
-            service("orders-v1"),
-            service("orders-v2"),
-        ]
-        .join("---\n"),
-    );
-    m.write("route.yaml", &split(100, 0));
+    let m = orders_mesh();
     let cp = m.control_plane(&[]);
     let v1 = Upstream::start("v1").await;
     let _b1 = m.proxy(&[&cp], "orders-v1", "orders-v1", Some(&v1), "");
@@ -264,17 +260,7 @@ async fn invalid_documents_and_unappliable_snapshots_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_outlive_their_control_plane_and_move_to_another_replica() {
-    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
-    m.write(
-        "services.yaml",
-        &[
-            service("orders"),
-            service("orders-v1"),
-            service("orders-v2"),
-        ]
-        .join("---\n"),
-    );
-    m.write("route.yaml", &split(100, 0));
+    let m = orders_mesh();
     let mut cp1 = m.control_plane(&[]);
     let cp2 = m.control_plane(&[]);
     let v1 = Upstream::start("v1").await;
@@ -321,17 +307,7 @@ async fn proxies_outlive_their_control_plane_and_move_to_another_replica() {
 /// them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
-    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
-    m.write(
-        "services.yaml",
-        &[
-            service("orders"),
-            service("orders-v1"),
-            service("orders-v2"),
-        ]
-        .join("---\n"),
-    );
-    m.write("route.yaml", &split(100, 0));
+    let m = orders_mesh();
     let listen = format!("127.0.0.1:{}", free_port());
     let mut cp = m.control_plane_at(&listen, &[]);
     // orders-v2's proxy reaches the control plane through a gate.
@@ -403,17 +379,7 @@ async fn a_restarted_control_plane_gets_every_proxy_back_and_they_converge() {
 /// apply to a config it does not have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_refused_its_config_gets_it_whole_once_it_can() {
-    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
-    m.write(
-        "services.yaml",
-        &[
-            service("orders"),
-            service("orders-v1"),
-            service("orders-v2"),
-        ]
-        .join("---\n"),
-    );
-    m.write("route.yaml", &split(100, 0));
+    let m = orders_mesh();
     let cp = m.control_plane(&[]);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
@@ -448,17 +414,7 @@ async fn a_proxy_that_refused_its_config_gets_it_whole_once_it_can() {
 /// than connect to a pod that may be gone; it is back once it registers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_taken_back_goes_if_its_proxy_does_not_return() {
-    let m = Mesh::new(&["web", "orders-v1", "orders-v2"]);
-    m.write(
-        "services.yaml",
-        &[
-            service("orders"),
-            service("orders-v1"),
-            service("orders-v2"),
-        ]
-        .join("---\n"),
-    );
-    m.write("route.yaml", &split(100, 0));
+    let m = orders_mesh();
     let listen = format!("127.0.0.1:{}", free_port());
     let mut cp = m.control_plane_at(&listen, &[]);
     let gate = Gate::start(listen.parse().unwrap()).await;
