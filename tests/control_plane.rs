@@ -497,6 +497,69 @@ async fn a_proxy_registering_and_draining_changes_its_callers_endpoints() {
     drop(b1);
 }
 
+/// `id`'s entry in `cp`'s node list (`Null` while it has none).
+fn node_entry(cp: &ProxyProc, id: &str) -> serde_json::Value {
+    nodes(cp, "web")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["node"] == id)
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn node_until(
+    cp: &ProxyProc,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let n = node_entry(cp, id);
+        if pred(&n) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A proxy whose feed drops while it drains says so when it reconnects:
+/// the control plane must not take a stopping pod back as an endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_proxy_whose_feed_reconnects_stays_out_of_its_callers_endpoints() {
+    let m = Mesh::new(&["web", "orders"]);
+    m.write("services.yaml", &service("orders"));
+    let cp = m.control_plane(&[]);
+    let gate = Gate::start(cp.addr("cp")).await;
+    let app1 = Upstream::start("one").await;
+    let app2 = Upstream::start("two").await;
+    let _b1 = m.proxy(&[&cp], "orders", "orders", Some(&app1), "");
+    let (b2, id2) = m.proxy_node_at(&[gate.addr], "orders", "orders", Some(&app2), "");
+    let a = m.proxy(&[&cp], "web", "web", None, "");
+    endpoints_become(&a, "orders", |n| n == 2).await;
+    // An app connection open on b2's outbound side keeps b2 running for
+    // that listener's drain delay (5 s), long enough to reconnect.
+    let _held = std::net::TcpStream::connect(b2.addr("outbound")).unwrap();
+    b2.signal("TERM");
+    node_until(&cp, &id2, "b2 never drained", |n| n["draining"] == true).await;
+    endpoints_become(&a, "orders", |n| n == 1).await;
+    gate.shut();
+    node_until(&cp, &id2, "b2's feed never dropped", |n| {
+        n.is_null() || n["connected"] == false
+    })
+    .await;
+    gate.open();
+    node_until(&cp, &id2, "b2 never reconnected", |n| {
+        n["connected"] == true
+    })
+    .await;
+    let n = node_entry(&cp, &id2);
+    assert_eq!(n["draining"], true, "b2 came back as serving: {n}");
+    assert_eq!(endpoint_count(&a, "orders"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nobody_gets_a_certificate_or_a_feed_for_another_identity() {
     let m = Mesh::new(&["web", "orders"]);

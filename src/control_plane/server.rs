@@ -1,6 +1,6 @@
 //! The control plane's server: HTTP/2 over TLS (port 15010).
 //!
-//! - `GET /v1/feed?node=ID&service=S&namespace=NS&address=IP&inbound=P&outbound=P&app=P&ready=0|1`:
+//! - `GET /v1/feed?node=ID&service=S&namespace=NS&address=IP&inbound=P&outbound=P&app=P&ready=0|1&draining=0|1`:
 //!   a long-lived stream of newline-delimited JSON messages, readable with
 //!   curl: `{"type":"snapshot","version":N,"config":{…}}`, and when only
 //!   endpoints changed `{"type":"endpoints","version":N,"clusters":{name:[…]}}`.
@@ -693,6 +693,8 @@ impl ControlPlane {
         // restarted, or another one died) is an endpoint from the start:
         // its callers must not lose it while it waits for a push.
         let serving = get("ready") == "1";
+        // A proxy that reconnects while it drains stays out of the sets.
+        let draining = get("draining") == "1";
         let wake = Arc::new(tokio::sync::Notify::new());
         let was_endpoint = {
             let mut nodes = self.nodes.lock();
@@ -708,7 +710,7 @@ impl ControlPlane {
                     connected: true,
                     connected_since: unix_now(),
                     ready: serving,
-                    draining: false,
+                    draining,
                     sent: 0,
                     seen: 0,
                     last_ack,
@@ -724,10 +726,10 @@ impl ControlPlane {
         metrics().cp_connected.inc();
         // A new endpoint, or one that is not one any more (a proxy back
         // without a config, over its old or restored entry).
-        if was_endpoint || (serving && node.inbound_port > 0) {
+        if was_endpoint || (serving && !draining && node.inbound_port > 0) {
             self.registrations_changed();
         }
-        tracing::info!(node = %node_id, identity = %node.identity, serving, "proxy subscribed");
+        tracing::info!(node = %node_id, identity = %node.identity, serving, draining, "proxy subscribed");
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(self.stream_node(node, stream, tx, wake));
         let mut r = Response::new(Stream { rx }.boxed());

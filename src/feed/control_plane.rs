@@ -56,6 +56,10 @@ pub struct FeedClient {
     current: Mutex<Option<Config>>,
     /// Said "ready" once, when the first config applied.
     ready_logged: std::sync::atomic::AtomicBool,
+    /// Set when this proxy starts stopping: a feed that reconnects during
+    /// the drain says so, or the control plane would take it back as an
+    /// endpoint and callers would send to a stopping pod.
+    draining: std::sync::atomic::AtomicBool,
     next_url: std::sync::atomic::AtomicUsize,
     /// True once a config applied: reports start then.
     configured: tokio::sync::watch::Sender<bool>,
@@ -119,6 +123,7 @@ impl FeedClient {
             store: Mutex::new(None),
             current: Mutex::new(None),
             ready_logged: Default::default(),
+            draining: Default::default(),
             next_url: Default::default(),
             configured: tokio::sync::watch::Sender::new(false),
             epoch: fastrand::u64(1..),
@@ -426,7 +431,7 @@ impl FeedClient {
         let f = &self.feed;
         let n = &self.bootstrap.node;
         let q = format!(
-            "/v1/feed?node={}&namespace={}&service={}&address={}&inbound={}&outbound={}&app={}&ready={}",
+            "/v1/feed?node={}&namespace={}&service={}&address={}&inbound={}&outbound={}&app={}&ready={}&draining={}",
             n.id,
             n.namespace,
             n.service,
@@ -435,6 +440,7 @@ impl FeedClient {
             f.outbound_port,
             f.app_port,
             u8::from(self.current.lock().is_some()),
+            u8::from(self.draining.load(std::sync::atomic::Ordering::Relaxed)),
         );
         let resp = sender
             .send_request(self.request(http::Method::GET, url, &q, Bytes::new()))
@@ -625,6 +631,8 @@ impl FeedClient {
     /// Tells the control plane this proxy is stopping: its callers stop
     /// getting it before its listeners close.
     pub async fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         // The replica in use first, then the others: a dead first replica
         // must not keep callers sending to a stopping proxy.
         let n = self.feed.control_plane.len();
