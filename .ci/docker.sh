@@ -143,6 +143,9 @@ log "building the static binary ($TARGET, target dir $TARGET_DIR)"
 # not the speed, and the whole-program build took 16 of CI's minutes on 2
 # cores (~4 this way). The default builds the binary that ships.
 if [ "${STATIC_BUILD:-release}" = quick ]; then
+  # Its own target dir: this binary must never be the one
+  # target/static/.../release/outrigger that .dockerignore lets in.
+  TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target/static-quick}
   export CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
     CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=false
 fi

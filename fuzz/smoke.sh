@@ -11,8 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${FUZZ_SECONDS:-20}
 # libFuzzer runs every corpus input before its clock starts: 13,000 inputs
-# through an unoptimised build take ~10 min. A sample (every 20th input,
-# by name, so each run starts alike) keeps a smoke run to seconds.
+# through an unoptimised build take ~10 min. A sample (every 20th saved
+# input, by name, so each run starts alike, and every hand-written seed;
+# corpora under 1,000 inputs whole) keeps a smoke run to seconds.
 CORPUS=${FUZZ_CORPUS:-all}
 BUILD=${FUZZ_BUILD:---dev}
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -27,8 +28,16 @@ for t in "${targets[@]}"; do
   fi
   # Work on a copy of the corpus: a smoke run adds nothing to the repository.
   work=$(mktemp -d)
-  if [ "$CORPUS" = sample ]; then
-    find "fuzz/corpus/$t" -type f | sort | awk 'NR % 20 == 1' | xargs -r cp -t "$work/"
+  mapfile -d '' inputs < <(find "fuzz/corpus/$t" -type f -print0 | sort -z)
+  if [ "$CORPUS" = sample ] && [ ${#inputs[@]} -gt 1000 ]; then
+    # Every 20th input libFuzzer saved (named by hash), and every seed
+    # written by hand (any other name: the smuggling cases, say).
+    i=0
+    for f in "${inputs[@]}"; do
+      if ! [[ $(basename "$f") =~ ^[0-9a-f]{40}$ ]] || ((i++ % 20 == 0)); then
+        cp -- "$f" "$work/"
+      fi
+    done
   else
     cp -r "fuzz/corpus/$t/." "$work/"
   fi

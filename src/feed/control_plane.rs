@@ -430,6 +430,7 @@ impl FeedClient {
         let mut sender = self.connect(url).await?;
         let f = &self.feed;
         let n = &self.bootstrap.node;
+        let said_draining = self.draining.load(std::sync::atomic::Ordering::SeqCst);
         let q = format!(
             "/v1/feed?node={}&namespace={}&service={}&address={}&inbound={}&outbound={}&app={}&ready={}&draining={}",
             n.id,
@@ -440,7 +441,7 @@ impl FeedClient {
             f.outbound_port,
             f.app_port,
             u8::from(self.current.lock().is_some()),
-            u8::from(self.draining.load(std::sync::atomic::Ordering::Relaxed)),
+            u8::from(said_draining),
         );
         let resp = sender
             .send_request(self.request(http::Method::GET, url, &q, Bytes::new()))
@@ -461,6 +462,20 @@ impl FeedClient {
         }
         metrics().feed_connected.set(1);
         tracing::info!(%url, "feed connected");
+        // A drain that began after the query was made may have reached the
+        // control plane before this subscription, which then registered a
+        // serving proxy over it: say it again.
+        if !said_draining && self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            let q = format!("/v1/drain?node={}", n.id);
+            if let Ok(Ok(r)) = tokio::time::timeout(
+                Duration::from_secs(3),
+                sender.send_request(self.request(http::Method::POST, url, &q, Bytes::new())),
+            )
+            .await
+            {
+                let _ = r.into_body().collect().await;
+            }
+        }
         // Reports go on this session, and end with it.
         let _reporter = AbortOnDrop(tokio::spawn(self.clone().report(
             sender.clone(),
@@ -632,7 +647,7 @@ impl FeedClient {
     /// getting it before its listeners close.
     pub async fn drain(&self) {
         self.draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         // The replica in use first, then the others: a dead first replica
         // must not keep callers sending to a stopping proxy.
         let n = self.feed.control_plane.len();
@@ -654,9 +669,15 @@ impl FeedClient {
             )
             .await
             {
+                let status = resp.status();
                 let _ = resp.into_body().collect().await;
-                tracing::info!(%url, "deregistered from the control plane");
-                return;
+                // A replica that does not know this node (restarted, 404)
+                // or failed did not deregister it: try the next.
+                if status.is_success() {
+                    tracing::info!(%url, "deregistered from the control plane");
+                    return;
+                }
+                tracing::warn!(%url, %status, "the drain was not taken; trying the next replica");
             }
         }
         tracing::warn!(

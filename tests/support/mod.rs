@@ -261,6 +261,11 @@ impl ProxyProc {
         assert!(ok.success());
     }
 
+    /// Whether the process has not exited yet.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + READY_TIMEOUT;
