@@ -135,7 +135,6 @@ trap 'exit 143' TERM
 
 # --- 1. static binary --------------------------------------------------------
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target/static}
-log "building the static binary ($TARGET, target dir $TARGET_DIR)"
 # --target is what makes crt-static work: RUSTFLAGS then reach only the
 # target, not proc-macros and build scripts, which must stay dynamic.
 # STATIC_BUILD=quick (what CI uses) keeps the release profile's paths but
@@ -149,6 +148,7 @@ if [ "${STATIC_BUILD:-release}" = quick ]; then
   export CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
     CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=false
 fi
+log "building the static binary ($TARGET, ${STATIC_BUILD:-release}, target dir $TARGET_DIR)"
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --release --locked --bin outrigger --target "$TARGET" --target-dir "$TARGET_DIR"
 BIN=$TARGET_DIR/$TARGET/release/outrigger
