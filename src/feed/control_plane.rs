@@ -466,15 +466,7 @@ impl FeedClient {
         // control plane before this subscription, which then registered a
         // serving proxy over it: say it again.
         if !said_draining && self.draining.load(std::sync::atomic::Ordering::SeqCst) {
-            let q = format!("/v1/drain?node={}", n.id);
-            if let Ok(Ok(r)) = tokio::time::timeout(
-                Duration::from_secs(3),
-                sender.send_request(self.request(http::Method::POST, url, &q, Bytes::new())),
-            )
-            .await
-            {
-                let _ = r.into_body().collect().await;
-            }
+            self.post_drain(&mut sender, url).await;
         }
         // Reports go on this session, and end with it.
         let _reporter = AbortOnDrop(tokio::spawn(self.clone().report(
@@ -655,7 +647,6 @@ impl FeedClient {
             .next_url
             .load(std::sync::atomic::Ordering::Relaxed)
             .wrapping_sub(1);
-        let q = format!("/v1/drain?node={}", self.bootstrap.node.id);
         for k in 0..n {
             let url = &self.feed.control_plane[start.wrapping_add(k) % n];
             let Ok(Ok(mut sender)) =
@@ -663,14 +654,7 @@ impl FeedClient {
             else {
                 continue;
             };
-            if let Ok(Ok(resp)) = tokio::time::timeout(
-                Duration::from_secs(3),
-                sender.send_request(self.request(http::Method::POST, url, &q, Bytes::new())),
-            )
-            .await
-            {
-                let status = resp.status();
-                let _ = resp.into_body().collect().await;
+            if let Some(status) = self.post_drain(&mut sender, url).await {
                 // A replica that does not know this node (restarted, 404)
                 // or failed did not deregister it: try the next.
                 if status.is_success() {
@@ -683,6 +667,24 @@ impl FeedClient {
         tracing::warn!(
             "no control plane answered the drain; callers drop this proxy after the grace period"
         );
+    }
+
+    /// `POST /v1/drain` for this node on `sender`: the answer's status, if
+    /// one came within 3 s (the control plane waits up to 2 s for acks).
+    async fn post_drain(
+        &self,
+        sender: &mut http2::SendRequest<Full<Bytes>>,
+        url: &str,
+    ) -> Option<http::StatusCode> {
+        let q = format!("/v1/drain?node={}", self.bootstrap.node.id);
+        let req = sender.send_request(self.request(http::Method::POST, url, &q, Bytes::new()));
+        let resp = tokio::time::timeout(Duration::from_secs(3), req)
+            .await
+            .ok()?
+            .ok()?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        Some(status)
     }
 
     fn cache_snapshot(&self) {
