@@ -329,8 +329,16 @@ pub struct Deadline {
     tick: u64,
     key: usize,
     id: u64,
-    /// The waker the entry holds, to notice a move to another task.
-    waker: Option<Waker>,
+    /// Who the entry's waker wakes (`Waker::data` and `vtable`), to notice
+    /// a move to another task; the identity, not a clone: a clone costs a
+    /// reference count taken and given back a deadline. The entry's own
+    /// clone keeps that task alive, so its address cannot be reused while
+    /// this is compared.
+    waker: Option<(usize, usize)>,
+}
+
+fn identity(w: &Waker) -> (usize, usize) {
+    (w.data() as usize, std::ptr::from_ref(w.vtable()) as usize)
 }
 
 impl Deadline {
@@ -343,15 +351,15 @@ impl Deadline {
                 Some((key, id)) => {
                     self.key = key;
                     self.id = id;
-                    self.waker = Some(cx.waker().clone());
+                    self.waker = Some(identity(cx.waker()));
                 }
                 None => return Poll::Ready(()),
             },
-            Some(w) if !w.will_wake(cx.waker()) => {
+            Some(w) if *w != identity(cx.waker()) => {
                 if !self.wheel.set_waker(self.key, self.id, cx.waker()) {
                     return Poll::Ready(());
                 }
-                self.waker = Some(cx.waker().clone());
+                self.waker = Some(identity(cx.waker()));
             }
             Some(_) => {}
         }
@@ -492,6 +500,40 @@ mod tests {
         let other = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&other);
         assert!(d.poll_elapsed(&mut cx).is_ready());
+    }
+
+    /// A waker that notes it was woken.
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_moved_to_another_task_wakes_that_task() {
+        let wheel = Wheel::current().unwrap();
+        let mut d = wheel.deadline(Duration::from_millis(10));
+        let (first, second) = (Arc::new(Flag(false.into())), Arc::new(Flag(false.into())));
+        let (w1, w2) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        assert!(d.poll_elapsed(&mut Context::from_waker(&w1)).is_pending());
+        // Polled again by the same task: nothing to change.
+        assert!(
+            d.poll_elapsed(&mut Context::from_waker(&w1.clone()))
+                .is_pending()
+        );
+        // Then by another: the entry must now wake that one.
+        assert!(d.poll_elapsed(&mut Context::from_waker(&w2)).is_pending());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            second.0.load(std::sync::atomic::Ordering::SeqCst),
+            "the new task was not woken"
+        );
+        assert!(
+            !first.0.load(std::sync::atomic::Ordering::SeqCst),
+            "the old task was woken"
+        );
+        assert!(d.poll_elapsed(&mut Context::from_waker(&w2)).is_ready());
     }
 
     #[test]

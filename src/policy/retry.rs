@@ -9,8 +9,9 @@
 //!   requests, plus `min_per_second`, so a dead upstream cannot turn into a
 //!   retry storm whatever the attempt count says.
 //! - A cluster's `max_retries` caps retries in flight.
-//! - The response (or error) says how many attempts it took:
-//!   `x-outrigger-attempts`.
+//! - A response (or error) that took more than one attempt says how many:
+//!   `x-outrigger-attempts`. One attempt, the usual case, writes nothing:
+//!   the header would cost every healthy request a header-map insert.
 
 use super::BoxFuture;
 use super::circuit_breaker::{Limits, Permit};
@@ -74,6 +75,9 @@ impl RetryBudget {
 
 pub struct RetryPolicy {
     cfg: config::Retry,
+    /// Whether any gRPC status is retried: otherwise no answer's
+    /// `grpc-status` is looked up (a custom name, hashed whole per lookup).
+    grpc: bool,
     route: String,
     budget: RetryBudget,
     exhausted: IntCounter,
@@ -81,8 +85,17 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     pub fn new(cfg: &config::Retry, route: &str) -> Arc<Self> {
+        let grpc = [
+            RetryOn::Unavailable,
+            RetryOn::Cancelled,
+            RetryOn::DeadlineExceeded,
+            RetryOn::ResourceExhausted,
+        ]
+        .iter()
+        .any(|c| cfg.on.contains(c));
         Arc::new(RetryPolicy {
             cfg: cfg.clone(),
+            grpc,
             route: route.to_string(),
             budget: RetryBudget::new(&cfg.budget),
             exhausted: crate::telemetry::metrics()
@@ -100,7 +113,9 @@ impl RetryPolicy {
         match r {
             Ok(resp) => {
                 let s = resp.status().as_u16();
-                if let Some(g) = resp.headers().get(&crate::error::GRPC_STATUS) {
+                if self.grpc
+                    && let Some(g) = resp.headers().get(&crate::error::GRPC_STATUS)
+                {
                     let reason = match g.as_bytes() {
                         b"14" if self.on(RetryOn::Unavailable) => Some("unavailable"),
                         b"1" if self.on(RetryOn::Cancelled) => Some("cancelled"),
@@ -220,14 +235,14 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some((policy, limits)) = &self.policy else {
-            return RetryFuture::once(self.inner.call(req), false);
+            return RetryFuture::once(self.inner.call(req));
         };
         policy.budget.deposit();
         let replayable = policy.allows_method(req.method())
             && policy.cfg.attempts > 1
             && !req.headers().contains_key(http::header::UPGRADE);
         if !replayable {
-            return RetryFuture::once(self.inner.call(req), true);
+            return RetryFuture::once(self.inner.call(req));
         }
         let trail = req.extensions().get::<Arc<Trail>>().cloned();
         let replay = |head: Head, extensions| {
@@ -256,7 +271,7 @@ where
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 version: req.version(),
-                headers: req.headers().clone(),
+                headers: Headers::copy_of(req.headers()),
             };
             let replay = replay(head, None);
             return RetryFuture {
@@ -264,7 +279,6 @@ where
                     fut: self.inner.call(req),
                 },
                 replay: Some(replay),
-                tell: true,
                 _body: std::marker::PhantomData,
             };
         }
@@ -275,14 +289,13 @@ where
             method: parts.method,
             uri: parts.uri,
             version: parts.version,
-            headers: parts.headers,
+            headers: Headers::Map(parts.headers),
         };
         RetryFuture {
             phase: Phase::Buffering {
                 fut: Box::pin(body::buffer(body, policy.cfg.max_body_bytes)),
             },
             replay: Some(replay(head, Some(parts.extensions))),
-            tell: true,
             _body: std::marker::PhantomData,
         }
     }
@@ -293,7 +306,43 @@ struct Head {
     method: Method,
     uri: http::Uri,
     version: http::Version,
-    headers: http::HeaderMap,
+    headers: Headers,
+}
+
+/// The head's headers: the request's own map where it moved here (a body
+/// was read first, and the first attempt is built from here too), or a
+/// plain list copied from it. A list is one allocation where a map's clone
+/// is two, and the common request is never retried; a retry pays for
+/// hashing the names into a map again.
+enum Headers {
+    Map(http::HeaderMap),
+    Copy(Vec<(http::HeaderName, HeaderValue)>),
+}
+
+impl Headers {
+    fn copy_of(map: &http::HeaderMap) -> Self {
+        Headers::Copy(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    fn to_map(&self) -> http::HeaderMap {
+        match self {
+            Headers::Map(m) => m.clone(),
+            Headers::Copy(list) => {
+                let mut m = http::HeaderMap::with_capacity(list.len());
+                for (k, v) in list {
+                    m.append(k.clone(), v.clone());
+                }
+                m
+            }
+        }
+    }
+
+    fn take_map(&mut self) -> http::HeaderMap {
+        match self {
+            Headers::Map(m) => std::mem::take(m),
+            Headers::Copy(_) => self.to_map(),
+        }
+    }
 }
 
 /// What a replayable request needs for its next attempt; boxed, so that a
@@ -333,7 +382,7 @@ impl<S> Replay<S> {
         *req.method_mut() = self.head.method.clone();
         *req.uri_mut() = self.head.uri.clone();
         *req.version_mut() = self.head.version;
-        *req.headers_mut() = self.head.headers.clone();
+        *req.headers_mut() = self.head.headers.to_map();
         if let Some(e) = self.extensions.take() {
             *req.extensions_mut() = e;
             return req;
@@ -376,8 +425,6 @@ pin_project_lite::pin_project! {
         #[pin]
         phase: Phase<S::Future>,
         replay: Option<Box<Replay<S>>>,
-        // Whether the answer says how many attempts it took (retries on).
-        tell: bool,
         _body: std::marker::PhantomData<fn() -> RB>,
     }
 }
@@ -386,11 +433,10 @@ impl<S, RB> RetryFuture<S, RB>
 where
     S: tower::Service<Request<ReqBody>, Response = Response<RB>, Error = ProxyError>,
 {
-    fn once(fut: S::Future, tell: bool) -> Self {
+    fn once(fut: S::Future) -> Self {
         RetryFuture {
             phase: Phase::Once { fut },
             replay: None,
-            tell,
             _body: std::marker::PhantomData,
         }
     }
@@ -408,10 +454,10 @@ where
             let replay = match this.phase.as_mut().project() {
                 // Not set to `Done` when ready: a future is not polled after
                 // its answer, and setting a phase copies a whole `Phase`.
-                // The inner future's answer is returned as it comes (no
-                // moves of a response through locals) where nothing is added.
-                PhaseProj::Once { fut } if !*this.tell => return fut.poll(cx),
-                PhaseProj::Once { fut } => return fut.poll(cx).map(|r| with_attempts(r, 1)),
+                // The only attempt's answer is returned as it comes (no
+                // moves of a response through locals): one attempt is not
+                // written down.
+                PhaseProj::Once { fut } => return fut.poll(cx),
                 PhaseProj::Done => panic!("RetryFuture polled after its answer"),
                 // Every other phase has the replay state, made with it in
                 // `Retry::call`.
@@ -433,7 +479,7 @@ where
                             *req.method_mut() = replay.head.method.clone();
                             *req.uri_mut() = std::mem::take(&mut replay.head.uri);
                             *req.version_mut() = replay.head.version;
-                            *req.headers_mut() = std::mem::take(&mut replay.head.headers);
+                            *req.headers_mut() = replay.head.headers.take_map();
                             *req.extensions_mut() = replay.extensions.take().unwrap_or_default();
                             replay.once = Some(req);
                         }
@@ -530,10 +576,14 @@ impl<S> Replay<S> {
     }
 }
 
+/// Writes the attempts down where there was more than one.
 fn with_attempts<B>(
     r: Result<Response<B>, ProxyError>,
     attempts: u32,
 ) -> Result<Response<B>, ProxyError> {
+    if attempts <= 1 {
+        return r;
+    }
     match r {
         Ok(mut resp) => {
             // Static name and values: no parsing or allocation per response.
@@ -667,7 +717,8 @@ mod tests {
         let mut post = get();
         *post.method_mut() = Method::POST;
         let r = svc.ready().await.unwrap().call(post).await.unwrap();
-        assert_eq!(r.headers()[ATTEMPTS], "1");
+        // One attempt is not written down.
+        assert_eq!(r.headers().get(ATTEMPTS), None);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
@@ -713,6 +764,55 @@ mod tests {
 
     #[derive(Clone)]
     struct Marker;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_sends_the_same_head_repeated_headers_in_order() {
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        let upstream = tower::service_fn(move |req: Request<ReqBody>| {
+            let seen = seen.clone();
+            async move {
+                let mut seen = seen.lock();
+                seen.push((
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                ));
+                let s = if seen.len() == 1 { 503 } else { 200 };
+                Ok::<_, ProxyError>(Response::builder().status(s).body(()).unwrap())
+            }
+        });
+        let p = RetryPolicy::new(&cfg(2, vec![RetryOn::GatewayError]), "r-head");
+        for _ in 0..10 {
+            p.budget.deposit();
+        }
+        let mut svc = tower::Layer::layer(&RetryLayer::new(Some(p), limits()), upstream);
+        // With no body (the head copied) and with a body (the head moved).
+        for data in [None, Some(Bytes::from_static(b"hi"))] {
+            heads.lock().clear();
+            let mut req = Request::new(ReqBody::Replay {
+                data,
+                trailers: None,
+            });
+            *req.method_mut() = Method::PUT;
+            *req.uri_mut() = "/a?b=c".parse().unwrap();
+            let h = req.headers_mut();
+            h.append("x-one", HeaderValue::from_static("1"));
+            h.append(http::header::ACCEPT, HeaderValue::from_static("text/plain"));
+            h.append("x-one", HeaderValue::from_static("2"));
+            h.append(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+            let r = svc.ready().await.unwrap().call(req).await.unwrap();
+            assert_eq!(r.headers()[ATTEMPTS], "2");
+            let heads = heads.lock();
+            assert_eq!(heads.len(), 2);
+            assert_eq!(heads[0], heads[1], "the retry's head differs");
+            let all = |n: &str| -> Vec<&[u8]> {
+                heads[1].2.get_all(n).iter().map(|v| v.as_bytes()).collect()
+            };
+            assert_eq!(all("x-one"), [&b"1"[..], b"2"]);
+            assert_eq!(all("accept"), [&b"text/plain"[..], b"*/*"]);
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_kept_body_is_replayed_whole_and_the_first_attempt_keeps_the_extensions() {
@@ -772,8 +872,8 @@ mod tests {
         assert!(first.is_pending(), "A waits out its backoff");
         let b = svc.ready().await.unwrap().call(get()).await.unwrap();
         assert_eq!(
-            (b.status().as_u16(), b.headers()[ATTEMPTS].as_bytes()),
-            (503, &b"1"[..])
+            (b.status().as_u16(), b.headers().get(ATTEMPTS)),
+            (503, None)
         );
         let a = a.await.unwrap();
         assert_eq!(

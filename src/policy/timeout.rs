@@ -11,6 +11,7 @@
 
 use crate::error::{ProxyError, TimeoutKind};
 use crate::wheel::{Deadline, Wheel};
+use http::header::Entry;
 use http::{HeaderMap, HeaderValue, Request};
 use prometheus::IntCounter;
 use std::future::Future;
@@ -124,9 +125,8 @@ pub struct Timeout<S> {
     layer: Arc<TimeoutLayer>,
 }
 
-/// `x-outrigger-expected-timeout-ms`.
-fn expected_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(&crate::error::EXPECTED_TIMEOUT_HEADER)?;
+/// `x-outrigger-expected-timeout-ms`'s value.
+fn expected_timeout(v: &HeaderValue) -> Option<Duration> {
     let ms: u64 = std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()?;
     Some(Duration::from_millis(ms))
 }
@@ -139,26 +139,22 @@ fn ms_value(d: Duration) -> HeaderValue {
     HeaderValue::from(ms(d))
 }
 
-/// Writes the time left for the next hop (and `grpc-timeout`, if shorter);
+/// Writes the time left for the next hop (and `grpc-timeout`, if shorter)
+/// into the header's entry, found once for the read and the write (the
+/// name is long and not a standard one: each lookup hashes all of it);
 /// `ready` is the value already made for `left`, if there is one.
-fn tell(
-    headers: &mut HeaderMap,
-    left: Duration,
-    ready: Option<&HeaderValue>,
-    is_grpc: bool,
-    grpc: Option<Duration>,
-) {
-    let ms = ms(left);
+fn tell(told: Entry<'_, HeaderValue>, left: Duration, ready: Option<&HeaderValue>) {
     let value = match ready {
         Some(v) => v.clone(),
-        None => HeaderValue::from(ms),
+        None => HeaderValue::from(ms(left)),
     };
-    headers.insert(crate::error::EXPECTED_TIMEOUT_HEADER.clone(), value);
-    if is_grpc
-        && grpc.is_none_or(|g| left < g)
-        && let Ok(v) = HeaderValue::from_str(&format!("{}m", ms.min(99_999_999)))
-    {
-        headers.insert("grpc-timeout", v);
+    match told {
+        Entry::Occupied(mut o) => {
+            o.insert(value);
+        }
+        Entry::Vacant(v) => {
+            v.insert(value);
+        }
     }
 }
 
@@ -205,7 +201,27 @@ where
         } else {
             None
         };
-        let told = expected_timeout(req.headers());
+        if self.layer.floor.is_none() && !is_grpc {
+            // Nothing of its own to tell (a route without timeouts): the
+            // next hop reads what came in as it came, and the map is only
+            // read (finding an entry to write may grow it).
+            let told = req
+                .headers()
+                .get(&crate::error::EXPECTED_TIMEOUT_HEADER)
+                .and_then(expected_timeout);
+            let after = match self.layer.kind {
+                TimeoutKind::Route => told,
+                TimeoutKind::PerTry | TimeoutKind::Total => self.layer.after,
+            };
+            return self.future(after, req);
+        }
+        let entry = req
+            .headers_mut()
+            .entry(&crate::error::EXPECTED_TIMEOUT_HEADER);
+        let told = match &entry {
+            Entry::Occupied(o) => expected_timeout(o.get()),
+            Entry::Vacant(_) => None,
+        };
         let after = match self.layer.kind {
             TimeoutKind::Route => [self.layer.after, grpc, told].into_iter().flatten().min(),
             TimeoutKind::PerTry | TimeoutKind::Total => self.layer.after,
@@ -221,7 +237,13 @@ where
                 .told
                 .as_ref()
                 .filter(|_| Some(left) == self.layer.floor);
-            tell(req.headers_mut(), left, ready, is_grpc, grpc);
+            tell(entry, left, ready);
+            if is_grpc
+                && grpc.is_none_or(|g| left < g)
+                && let Ok(v) = HeaderValue::from_str(&format!("{}m", ms(left).min(99_999_999)))
+            {
+                req.headers_mut().insert("grpc-timeout", v);
+            }
         }
         self.future(after, req)
     }
@@ -332,6 +354,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_route_without_timeouts_stops_when_the_caller_does() {
+        let told = |ms: &str| {
+            Request::builder()
+                .header(crate::error::EXPECTED_TIMEOUT, ms)
+                .body(())
+                .unwrap()
+        };
+        let mut svc = tower::Layer::layer(
+            &TimeoutLayer::new(None, TimeoutKind::Route, "t5"),
+            slow(Duration::from_secs(5)),
+        );
+        let r = svc.ready().await.unwrap().call(told("100")).await;
+        assert!(matches!(
+            r,
+            Err(ProxyError::Timeout {
+                kind: TimeoutKind::Route,
+                ..
+            })
+        ));
+        // Nothing told: no deadline at all.
+        let r = svc.ready().await.unwrap().call(Request::new(())).await;
+        assert_eq!(r.unwrap(), "done");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn grpc_timeout_shortens_the_route_timeout() {
         let mut svc = tower::Layer::layer(
             &TimeoutLayer::new(Some(Duration::from_secs(10)), TimeoutKind::Route, "t2"),
@@ -430,6 +477,27 @@ mod tests {
         );
         // Nothing known: nothing told.
         assert_eq!(call(stack(None, None), plain()).await, (None, None));
+        // No timeout of its own: the caller's time left passes on as it came.
+        let told = |ms: &str| {
+            Request::builder()
+                .header(crate::error::EXPECTED_TIMEOUT, ms)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            call(stack(None, None), told("250")).await,
+            (Some("250".into()), None)
+        );
+        // A longer timeout of its own: the caller's shorter one replaces
+        // the header; a shorter one of its own replaces the caller's.
+        assert_eq!(
+            call(stack(Some(2000), Some(500)), told("250")).await,
+            (Some("250".into()), None)
+        );
+        assert_eq!(
+            call(stack(Some(2000), Some(500)), told("9000")).await,
+            (Some("500".into()), None)
+        );
     }
 
     #[test]
