@@ -853,3 +853,79 @@ async fn the_kubernetes_source_follows_the_api_server() {
         .is_some_and(|v| v >= 1.0)
     );
 }
+
+/// The control plane keeps a drain across a reconnect of the same proxy
+/// process (the same `epoch`), whatever the new subscription's query says
+/// (it may have been written before the drain began); a new process under
+/// the same node name, a restarted container, starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_outlives_a_reconnect_of_the_same_process_only() {
+    let m = Mesh::new(&["web"]);
+    m.write("services.yaml", &service("orders"));
+    let cp = m.control_plane(&[]);
+    cp.wait_log(|l| l.contains("mesh model applied"));
+    // A feed client that subscribes as node w1 and never acks.
+    let feed = |epoch: u64| {
+        std::process::Command::new("curl")
+            .args(["-sk", "--http2", "-N", "-o", "/dev/null", "-H"])
+            .arg(format!("authorization: Bearer {}", token_for("web")))
+            .arg(format!(
+                "https://{}/v1/feed?node=w1&namespace={NS}&service=web&address=127.0.0.1&inbound=15006&ready=1&draining=0&epoch={epoch}",
+                cp.addr("cp")
+            ))
+            .spawn()
+            .unwrap()
+    };
+    let subscribed = |n: usize| {
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        while cp.count_log(|l| l.contains("proxy subscribed") && l.contains("\"w1\"")) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "subscription {n} not seen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let stop = |mut c: std::process::Child| {
+        let _ = c.kill();
+        let _ = c.wait();
+    };
+    let a = feed(7);
+    node_until(&cp, "w1", "w1 an endpoint", |n| {
+        n["ready"] == true && n["draining"] == false
+    })
+    .await;
+    let (code, body) = cp_curl(
+        &cp,
+        "POST",
+        "/v1/drain?node=w1",
+        Some(&token_for("web")),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(node_entry(&cp, "w1")["draining"], true);
+    stop(a);
+    // Subscribed again with `epoch`: the client and w1's entry once the
+    // control plane has seen the `nth` subscription.
+    let back = |epoch: u64, nth: usize| {
+        let c = feed(epoch);
+        subscribed(nth);
+        (c, node_entry(&cp, "w1"))
+    };
+    // The same process back, with a query written before it drained.
+    let (b, n) = back(7, 2);
+    assert_eq!(
+        (&n["connected"], &n["draining"]),
+        (&true.into(), &true.into()),
+        "the same process's drain was lost to its reconnect: {n}"
+    );
+    stop(b);
+    // Another process (another epoch): serving, an endpoint again.
+    let (c, n) = back(8, 3);
+    assert_eq!(
+        (&n["ready"], &n["draining"]),
+        (&true.into(), &false.into()),
+        "a new process was kept as draining: {n}"
+    );
+    stop(c);
+}

@@ -1,6 +1,6 @@
 //! The control plane's server: HTTP/2 over TLS (port 15010).
 //!
-//! - `GET /v1/feed?node=ID&service=S&namespace=NS&address=IP&inbound=P&outbound=P&app=P&ready=0|1&draining=0|1`:
+//! - `GET /v1/feed?node=ID&service=S&namespace=NS&address=IP&inbound=P&outbound=P&app=P&ready=0|1&draining=0|1&epoch=N`:
 //!   a long-lived stream of newline-delimited JSON messages, readable with
 //!   curl: `{"type":"snapshot","version":N,"config":{…}}`, and when only
 //!   endpoints changed `{"type":"endpoints","version":N,"clusters":{name:[…]}}`.
@@ -67,6 +67,9 @@ struct NodeEntry {
     /// Has applied a config: may receive traffic.
     ready: bool,
     draining: bool,
+    /// The proxy process's own number (0: not said): a drain is kept
+    /// across a reconnect of the same process.
+    epoch: u64,
     /// The last version sent, and the last one rendered (sent or not:
     /// a version that changes nothing for this proxy is not sent).
     sent: u64,
@@ -364,6 +367,7 @@ impl ControlPlane {
                         connected_since: 0,
                         ready: true,
                         draining: false,
+                        epoch: 0,
                         sent: 0,
                         seen: 0,
                         last_ack: None,
@@ -693,12 +697,19 @@ impl ControlPlane {
         // restarted, or another one died) is an endpoint from the start:
         // its callers must not lose it while it waits for a push.
         let serving = get("ready") == "1";
-        // A proxy that reconnects while it drains stays out of the sets.
-        let draining = get("draining") == "1";
+        // A proxy that reconnects while it drains stays out of the sets:
+        // it says so, and a drain the same process (same epoch) posted
+        // before is kept, whatever a query written before it says.
+        let epoch = get("epoch").parse::<u64>().unwrap_or(0);
         let wake = Arc::new(tokio::sync::Notify::new());
-        let was_endpoint = {
+        let (was_endpoint, draining) = {
             let mut nodes = self.nodes.lock();
-            let was_endpoint = nodes.get(&node_id).is_some_and(NodeEntry::is_endpoint);
+            let before = nodes.get(&node_id);
+            let was_endpoint = before.is_some_and(NodeEntry::is_endpoint);
+            let draining = get("draining") == "1"
+                || before.is_some_and(|e| {
+                    e.draining && epoch != 0 && e.epoch == epoch && e.node.identity == node.identity
+                });
             let (last_ack, last_nack) = nodes
                 .get(&node_id)
                 .map(|e| (e.last_ack.clone(), e.last_nack.clone()))
@@ -711,6 +722,7 @@ impl ControlPlane {
                     connected_since: unix_now(),
                     ready: serving,
                     draining,
+                    epoch,
                     sent: 0,
                     seen: 0,
                     last_ack,
@@ -721,7 +733,7 @@ impl ControlPlane {
                     wake: wake.clone(),
                 },
             );
-            was_endpoint
+            (was_endpoint, draining)
         };
         metrics().cp_connected.inc();
         // A new endpoint, or one that is not one any more (a proxy back

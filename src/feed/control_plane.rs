@@ -432,7 +432,7 @@ impl FeedClient {
         let n = &self.bootstrap.node;
         let said_draining = self.draining.load(std::sync::atomic::Ordering::SeqCst);
         let q = format!(
-            "/v1/feed?node={}&namespace={}&service={}&address={}&inbound={}&outbound={}&app={}&ready={}&draining={}",
+            "/v1/feed?node={}&namespace={}&service={}&address={}&inbound={}&outbound={}&app={}&ready={}&draining={}&epoch={}",
             n.id,
             n.namespace,
             n.service,
@@ -442,6 +442,7 @@ impl FeedClient {
             f.app_port,
             u8::from(self.current.lock().is_some()),
             u8::from(said_draining),
+            self.epoch,
         );
         let resp = sender
             .send_request(self.request(http::Method::GET, url, &q, Bytes::new()))
