@@ -133,7 +133,12 @@ kill -INT "$px"
 wait "$px" || true
 kill "$ngx" 2>/dev/null || true
 ls "$raw"/outrigger-"$px".profraw >/dev/null || { echo "pgo.sh: the proxy wrote no profile" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
-"$PROFDATA" merge -o "$OUT/outrigger.profdata" "$raw"
+# An llvm-profdata older than the profile's format (Debian's llvm-14 beside
+# rustc's LLVM 22) says "unsupported ... format version": name the fix.
+"$PROFDATA" merge -o "$OUT/outrigger.profdata" "$raw" || {
+  echo "pgo.sh: $PROFDATA could not read rustc's profile (rustc: $(rustc -vV | sed -n 's/^LLVM version: //p')); apt-get install llvm-19 or set LLVM_PROFDATA" >&2
+  exit 1
+}
 
 # 3. The release build with the counts (functions the training never ran
 # are compiled as usual).
