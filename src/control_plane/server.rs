@@ -710,8 +710,7 @@ impl ControlPlane {
                 || before.is_some_and(|e| {
                     e.draining && epoch != 0 && e.epoch == epoch && e.node.identity == node.identity
                 });
-            let (last_ack, last_nack) = nodes
-                .get(&node_id)
+            let (last_ack, last_nack) = before
                 .map(|e| (e.last_ack.clone(), e.last_nack.clone()))
                 .unwrap_or_default();
             nodes.insert(
